@@ -9,10 +9,12 @@ import sys
 # Order is the order of `d3 --help`: model -> graph -> profile -> plan -> tiers -> traces -> deploy.
 COMMAND_MODULES = [
     "partitioner.cli",
+    "partitioner.plan_cli",
     "predictor.cli",
     "tiers.cli",
     "traces.cli",
     "deploy.commands",
+    "deploy.testbed_cli",
 ]
 
 
