@@ -1,0 +1,172 @@
+"""Incremental re-partitioning: keep the plan right as bandwidths and tier loads change, cheaply.
+
+For a fixed assignment every stage of the cost model is linear in a small parameter vector theta (tier
+slowdowns, seconds per byte of each link, half RTTs, overheads; see ``cost.py``), so a plan is a feature
+vector and its latency under new conditions is one dot product. The re-partitioner keeps a *library*: every
+distinct cut the min-cut planner has produced (each full re-plan yields up to five, one per link pattern,
+plus the local-search result). One ``update``:
+
+1. prices the whole library under the new conditions (one small matrix-vector product);
+2. the local move: the cheapest library cut. It is accepted without solving when it is *certified*
+   within ``tolerance`` of the optimum (a lower bound from every earlier full solve: costs only grow when a
+   parameter grows, so opt(theta) >= opt(theta_k) * min_i theta_i / theta_k,i), or when the conditions are
+   within ``neighbourhood`` (relative, per parameter) of a point that was fully solved;
+3. otherwise falls back to a full re-plan (min cut), whose cuts join the library.
+
+Hysteresis: the current plan is kept unless the best candidate is more than ``hysteresis`` cheaper, or more
+than ``tolerance`` cheaper on ``patience`` consecutive updates (a lasting change), so one noisy bandwidth
+estimate does not make the plan flap; ``version`` and ``repartitions`` count real changes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from partitioner.cost import Conditions, Links, TierModels, cost_graph, features
+from partitioner.graph import ModelGraph
+from partitioner.hpa import make_plan, solve_d3
+from partitioner.plan import Plan
+
+MAX_LIBRARY = 256
+
+
+@dataclass
+class StepStats:
+    steps: int = 0
+    full_replans: int = 0
+    step_seconds: list[float] = field(default_factory=list)
+
+
+class Repartitioner:
+    def __init__(self, graph: ModelGraph, tiers: TierModels, links: Links, edge_weights: Sequence[float] = (1.0,),
+                 hysteresis: float = 0.05, tolerance: float = 0.02, neighbourhood: float = 0.10, patience: int = 2):
+        if not 0 <= hysteresis < 1:
+            raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis}")
+        self.graph = graph
+        self.cg = cost_graph(graph)
+        self.hysteresis, self.tolerance, self.neighbourhood = hysteresis, tolerance, neighbourhood
+        self.cond = Conditions(links, tiers, tuple(edge_weights))
+        self.repartitions = 0
+        self.patience = patience
+        self._better_steps = 0  # consecutive steps on which some plan beat the current one by > tolerance
+        self.stats = StepStats()
+        self._labels: list[np.ndarray] = []
+        self._tiled: list[bool] = []  # False: the edge segment runs whole on the coordinator
+        self._features = np.zeros((0, 17))
+        self._solved_theta = np.zeros((0, 17))  # conditions of each full solve and its optimum
+        self._solved_opt = np.zeros(0)
+        self._current = self._full_replan(self.cond.theta())
+        self.plan = self._make_plan(self._current, version=0)
+
+    # --- public ---------------------------------------------------------------------------------
+    @property
+    def links(self) -> Links:
+        return self.cond.links
+
+    @property
+    def tiers(self) -> TierModels:
+        return self.cond.tiers
+
+    def update(self, links: Links | None = None, slowdowns: Mapping[str, float] | None = None,
+               edge_weights: Sequence[float] | None = None) -> Plan:
+        """New estimates in, the plan to use out (the same object, re-priced, if it did not change)."""
+        started = time.perf_counter()
+        weights_changed = edge_weights is not None and tuple(float(w) for w in edge_weights) != self.cond.edge_weights
+        self.cond = Conditions(links or self.cond.links, self.cond.tiers.with_slowdowns(slowdowns),
+                               tuple(edge_weights) if edge_weights is not None else self.cond.edge_weights)
+        if weights_changed:  # the edge's tiling factors change every plan's features: re-derive them
+            self._features = np.array([features(self.cg, labels, self._cond_for(tiled))
+                                       for labels, tiled in zip(self._labels, self._tiled)])
+            self._solved_theta, self._solved_opt = np.zeros((0, 17)), np.zeros(0)
+        theta = self.cond.theta()
+        prices = self._features @ theta
+        best = int(np.argmin(prices))
+        if not self._acceptable(theta, prices[best]):
+            best = self._full_replan(theta)
+            prices = self._features @ theta
+        current_price = prices[self._current]
+        clearly_better = prices[best] < current_price * (1 - self.hysteresis)
+        self._better_steps = self._better_steps + 1 if prices[best] < current_price * (1 - self.tolerance) else 0
+        if best != self._current and (clearly_better or self._better_steps >= self.patience):
+            self._better_steps = 0
+            self._current = best
+            self.repartitions += 1
+            self.plan = self._make_plan(best, version=self.plan.version + 1)
+        else:
+            self._reprice(prices[self._current])
+        self.stats.steps += 1
+        self.stats.step_seconds.append(time.perf_counter() - started)
+        return self.plan
+
+    def best_known_ms(self) -> float:
+        """Price of the cheapest library plan now (without hysteresis)."""
+        return float((self._features @ self.cond.theta()).min() * 1e3)
+
+    # --- internals ------------------------------------------------------------------------------
+    def _acceptable(self, theta: np.ndarray, price: float) -> bool:
+        if not len(self._solved_opt):
+            return False
+        solved = self._solved_theta
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(solved > 0, theta / solved, np.where(theta > 0, np.inf, 1.0))
+        lower_bound = float((self._solved_opt * ratio.min(axis=1)).max())
+        if price <= lower_bound * (1 + self.tolerance):
+            return True
+        log_distance = np.abs(np.log(np.where((solved > 0) & (theta > 0), theta / np.where(solved > 0, solved, 1), 1.0)))
+        zero_mismatch = ((solved > 0) != (theta > 0)).any(axis=1)
+        distance = np.where(zero_mismatch, np.inf, log_distance.max(axis=1))
+        return bool(distance.min() <= np.log1p(self.neighbourhood))
+
+    def _cond_for(self, tiled: bool) -> Conditions:
+        if tiled:
+            return self.cond
+        return Conditions(self.cond.links, self.cond.tiers, self.cond.edge_weights[:1])
+
+    def _full_replan(self, theta: np.ndarray) -> int:
+        (best, best_cond), solved = solve_d3(self.cg, self.cond.links, self.cond.tiers, self.cond.edge_weights)
+        self.stats.full_replans += 1
+        self._solved_theta = np.vstack([self._solved_theta, theta])[-MAX_LIBRARY:]
+        self._solved_opt = np.append(self._solved_opt, best.seconds)[-MAX_LIBRARY:]
+        best_index = None
+        for solution, cond in solved:
+            tiled = len(cond.edge_weights) == len(self.cond.edge_weights)
+            for labels in solution.candidates:
+                index = self._add(labels, tiled)
+                if solution is best and np.array_equal(labels, solution.labels):
+                    best_index = index
+        return best_index
+
+    def _add(self, labels: np.ndarray, tiled: bool) -> int:
+        for index, known in enumerate(self._labels):
+            if self._tiled[index] == tiled and np.array_equal(known, labels):
+                return index
+        if len(self._labels) >= MAX_LIBRARY:  # drop the oldest cut that is not the current plan
+            drop = next(i for i in range(len(self._labels)) if i != getattr(self, "_current", -1))
+            del self._labels[drop]
+            del self._tiled[drop]
+            self._features = np.delete(self._features, drop, axis=0)
+            if getattr(self, "_current", None) is not None and self._current > drop:
+                self._current -= 1
+        self._labels.append(labels)
+        self._tiled.append(tiled)
+        self._features = np.vstack([self._features, features(self.cg, labels, self._cond_for(tiled))])
+        return len(self._labels) - 1
+
+    def _make_plan(self, index: int, version: int) -> Plan:
+        plan = make_plan(self.graph, self._cond_for(self._tiled[index]), self._labels[index], "d3")
+        plan.version = version
+        return plan
+
+    def _reprice(self, price_s: float) -> None:
+        """Keep the plan (and its version) but refresh its predicted figures for the new conditions."""
+        from partitioner.cost import link_bytes, stage_seconds
+
+        f = self._features[self._current]
+        stages = {k: v * 1e3 for k, v in stage_seconds(f, self.cond.theta()).items()}
+        self.plan.stages_ms = stages
+        self.plan.predicted_ms = float(price_s * 1e3)
+        self.plan.link_bytes = link_bytes(f)
+        self.plan.edge_weights = list(self._cond_for(self._tiled[self._current]).edge_weights)
