@@ -1,0 +1,352 @@
+"""The device SDK: ``Client(model, edge=..., cloud=...)``, ``client.infer(x)`` -> the local model's output.
+
+The client runs the device segment of its current plan, sends the crossing values to the edge node it
+knows (ZeroMQ DEALER) or, when the plan has no edge segment, straight to the cloud (HTTP), and assembles
+the model output from what comes back. Every reply says how long the tiers computed, so the rest of the
+round trip is link time: the client keeps an estimate of each link's bandwidth from real transfers (and
+from ``probe()`` when idle) and feeds it to the incremental re-partitioner. A plan changes only between
+requests: each request carries the plan id it was started with (and the plan JSON the first time a tier
+sees it), so no request ever mixes two plans.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import zmq
+import zmq.asyncio
+
+from partitioner.plan import Plan
+from tiers import transport, wire
+from tiers.runtime import ModelStore, PlanEntry, timed_run
+from tiers.wire import Message, WireError
+
+MIN_MEASURE_BYTES = 32 * 1024  # smaller transfers say more about latency than bandwidth
+EWMA = 0.5
+
+
+class TierError(ValueError):
+    """A tier answered with an error (its text and code), or did not answer in time."""
+
+    def __init__(self, text: str, code: str = "error"):
+        super().__init__(text)
+        self.code = code
+
+
+@dataclass
+class RequestTiming:
+    """Where one request's time went (seconds), as measured on the device and reported by the tiers."""
+
+    plan_version: int
+    strategy: str
+    total_s: float = 0.0
+    device_s: float = 0.0
+    edge_s: float = 0.0
+    cloud_s: float = 0.0
+    links_s: dict[str, float] = field(default_factory=dict)  # device_edge, edge_cloud, device_cloud
+    bytes: dict[str, int] = field(default_factory=dict)
+    edge_nodes: int = 0
+
+
+class LinkEstimator:
+    """Bandwidth per link from real transfers: an EWMA of bytes x 8 / link seconds."""
+
+    def __init__(self, initial_bps: dict[str, float] | None = None):
+        self.bps: dict[str, float] = dict(initial_bps or {})
+        self.samples: dict[str, int] = {}
+
+    def observe(self, link: str, nbytes: int, seconds: float) -> None:
+        if nbytes < MIN_MEASURE_BYTES or seconds <= 0:
+            return
+        sample = nbytes * 8 / seconds
+        old = self.bps.get(link)
+        self.bps[link] = sample if old is None or not self.samples.get(link) else EWMA * sample + (1 - EWMA) * old
+        self.samples[link] = self.samples.get(link, 0) + 1
+
+
+class _Planner:
+    """The re-partitioner when the partition engineer's is installed; else plan_d3 re-run per update;
+    else a fixed plan."""
+
+    def __init__(self, graph, plan: Plan | None, links, tiers, edge_weights):
+        self.fixed = plan is not None
+        self.repartitioner = None
+        if plan is not None:
+            self.plan = plan
+            return
+        try:
+            from partitioner.repartition import Repartitioner
+
+            self.repartitioner = Repartitioner(graph, tiers, links, edge_weights=tuple(edge_weights))
+            self.plan = self.repartitioner.plan
+        except ImportError:
+            from partitioner.hpa import plan_d3
+
+            self._replan = lambda links: plan_d3(graph, links, tiers, tuple(edge_weights))
+            self.plan = self._replan(links)
+
+    def update(self, links) -> Plan:
+        if self.fixed:
+            return self.plan
+        if self.repartitioner is not None:
+            self.plan = self.repartitioner.update(links=links)
+            return self.plan
+        candidate = self._replan(links)
+        if candidate.assignment != self.plan.assignment:
+            candidate.version = self.plan.version + 1
+            self.plan = candidate
+        return self.plan
+
+
+class Client:
+    """One device. Thread-safe: ``infer`` may be called from several threads (requests overlap)."""
+
+    _ids = itertools.count()
+
+    def __init__(self, model: str, edge: str | None = None, cloud: str | None = None,
+                 input_shape: tuple[int, ...] | None = None, plan: Plan | None = None,
+                 weights: str | None = None, links=None, tiers=None, edge_weights=(1.0,),
+                 slowdown: float = 1.0, shapers: dict | None = None, repartition: bool = True,
+                 timeout_s: float = 120.0, store: ModelStore | None = None):
+        self.model = model
+        self.edge_address = edge
+        self.cloud_url = cloud.rstrip("/") if cloud else None
+        self.slowdown = slowdown
+        self.shapers = shapers or {}
+        self.timeout_s = timeout_s
+        self.store = store or ModelStore(weights={model: weights} if weights else None)
+        self._fixed_plan = plan
+        self._links0, self._tiers, self._edge_weights = links, tiers, edge_weights
+        self.repartition = repartition and plan is None
+        self.input_shape = tuple(plan.input_shape) if plan is not None else input_shape
+        self.planner: _Planner | None = None
+        self.links = LinkEstimator()
+        self.timings: list[RequestTiming] = []
+        self._sent_plans: set[tuple[str, str]] = set()  # (tier, plan id) that tier has been sent
+        self._plan_lock = threading.Lock()
+        self._name = f"device-{next(self._ids)}-{uuid.uuid4().hex[:6]}"
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=self._name, daemon=True)
+        self._thread.start()
+        self._call(self._open())
+        if self.input_shape is not None:
+            self._ensure_planner(self.input_shape)
+
+    # ----------------------------------------------------------------------------------- lifecycle
+    async def _open(self) -> None:
+        import aiohttp
+
+        self._session = aiohttp.ClientSession()
+        self._context = zmq.asyncio.Context()
+        self._pending: dict[str, asyncio.Future] = {}
+        self._dealer = None
+        if self.edge_address:
+            self._dealer = self._context.socket(zmq.DEALER)
+            transport.configure_zmq_socket(self._dealer)
+            self._dealer.setsockopt(zmq.IDENTITY, self._name.encode())
+            self._dealer.connect(self.edge_address)
+            self._reader = asyncio.create_task(self._read_replies())
+
+    async def _read_replies(self) -> None:
+        while True:
+            _, message = await transport.recv_zmq(self._dealer)
+            if isinstance(message, WireError):
+                continue  # cannot tell whose reply it was; that request times out with a clear error
+            future = self._pending.pop(message.request_id, None)
+            if future is not None and not future.done():
+                future.set_result(message)
+
+    async def _close(self) -> None:
+        if self._dealer is not None:
+            self._reader.cancel()
+        await self._session.close()
+        self._context.destroy(linger=0)
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._call(self._close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, coroutine, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    # ----------------------------------------------------------------------------------- planning
+    def _ensure_planner(self, shape: tuple[int, ...]) -> None:
+        with self._plan_lock:
+            if self.planner is not None:
+                return
+            graph = self.store.graph(self.model, tuple(shape))
+            links, tiers = self._links0, self._tiers
+            if self._fixed_plan is None:
+                from partitioner.cost import Links, TierModels
+
+                links = links or Links.mbps(50, 100, 10)
+                tiers = tiers or TierModels.default()
+            self._links0 = links
+            if links is not None:
+                self.links = LinkEstimator({"device_edge": links.device_edge_bps, "edge_cloud": links.edge_cloud_bps,
+                                            "device_cloud": links.device_cloud_bps})
+                self.links.samples.clear()
+            self.planner = _Planner(graph, self._fixed_plan, links, tiers, self._edge_weights)
+            self.input_shape = tuple(shape)
+
+    @property
+    def plan(self) -> Plan:
+        if self.planner is None:
+            raise ValueError("no plan yet: give input_shape or call infer() once")
+        return self.planner.plan
+
+    def _entry(self, plan: Plan) -> PlanEntry:
+        plan_json = plan.to_json()
+        digest = wire.plan_digest(plan_json)
+        if not self.store.has_plan(digest):
+            self.store.add_plan(plan_json)
+        return self.store._plans[digest]
+
+    def _replan(self) -> None:
+        if not self.repartition or self.planner is None:
+            return
+        bps = self.links.bps
+        links = self._links0.replace(device_edge_bps=bps["device_edge"], edge_cloud_bps=bps["edge_cloud"],
+                                     device_cloud_bps=bps["device_cloud"])
+        with self._plan_lock:
+            self.planner.update(links)
+
+    # ----------------------------------------------------------------------------------- inference
+    def infer(self, x: torch.Tensor) -> Any:
+        """The model's output for ``x``, computed across the tiers the current plan names."""
+        return self._call(self.ainfer(x), self.timeout_s + 5)
+
+    async def ainfer(self, x: torch.Tensor) -> Any:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"infer() takes a tensor, got {type(x).__name__}")
+        if self.planner is None:
+            await self._loop.run_in_executor(None, self._ensure_planner, tuple(x.shape))
+        if tuple(x.shape) != tuple(self.input_shape):
+            raise ValueError(f"input has shape {tuple(x.shape)} but the plan is for {tuple(self.input_shape)}")
+        with self._plan_lock:
+            plan = self.planner.plan  # this request's plan, whatever the re-partitioner does meanwhile
+        entry = await self._loop.run_in_executor(None, self._entry, plan)
+        start = time.perf_counter()
+        timing = RequestTiming(plan.version, plan.strategy)
+        segmented = entry.segmented
+        values: dict[str, Any] = {segmented.input_names[0]: x}
+        device_out, timing.device_s = await self._loop.run_in_executor(
+            None, lambda: timed_run(lambda: segmented.device.run(values), self.slowdown))
+        values.update(device_out)
+        if segmented.edge.node_names:
+            needed = segmented.edge.input_names + [n for n in segmented.cloud.input_names if n in values]
+            reply = await self._send_edge(entry, plan, {n: values[n] for n in dict.fromkeys(needed)}, timing)
+            values.update(reply.tensors)
+        elif segmented.cloud.node_names:
+            reply = await self._send_cloud(entry, plan, {n: values[n] for n in segmented.cloud.input_names}, timing)
+            values.update(reply.tensors)
+        timing.total_s = time.perf_counter() - start
+        self.timings.append(timing)
+        await self._loop.run_in_executor(None, self._replan)
+        return segmented.assemble_output(values)
+
+    def _request(self, tier: str, entry: PlanEntry, plan: Plan, tensors: dict, resend_plan: bool) -> Message:
+        plan_id = wire.plan_digest(entry.plan_json)
+        meta: dict[str, Any] = {"link": "device_cloud"} if tier == "cloud" else {}
+        if resend_plan or (tier, plan_id) not in self._sent_plans:
+            meta["plan"] = entry.plan_json
+        digest = self.store.digest(plan.model, tuple(plan.input_shape))
+        return Message(kind="infer", request_id=uuid.uuid4().hex, model=plan.model, plan_version=plan.version,
+                       plan_id=plan_id, model_digest=digest, meta=meta, tensors=tensors)
+
+    async def _with_plan_retry(self, tier: str, entry: PlanEntry, plan: Plan, tensors: dict, send) -> Message:
+        for attempt in range(2):
+            request = self._request(tier, entry, plan, tensors, resend_plan=attempt > 0)
+            reply, elapsed = await send(request)
+            if reply.kind == "error" and reply.meta.get("code") == "unknown_plan" and attempt == 0:
+                continue  # the tier restarted or forgot the plan: send it again
+            if reply.kind == "error":
+                raise TierError(f"{tier}: {reply.meta.get('error')}", reply.meta.get("code", "error"))
+            self._sent_plans.add((tier, request.plan_id))
+            return reply, elapsed, request
+        raise TierError(f"{tier} keeps refusing plan {plan.version}", "unknown_plan")
+
+    async def _send_edge(self, entry: PlanEntry, plan: Plan, tensors: dict, timing: RequestTiming) -> Message:
+        async def send(request: Message):
+            future = self._loop.create_future()
+            self._pending[request.request_id] = future
+            start = time.perf_counter()
+            try:
+                await transport.send_zmq(self._dealer, request, shaper=self.shapers.get("device_edge"))
+                reply = await asyncio.wait_for(future, self.timeout_s)
+            except asyncio.TimeoutError:
+                raise TierError(f"edge node {self.edge_address} did not answer within {self.timeout_s:.0f} s",
+                                "timeout") from None
+            finally:
+                self._pending.pop(request.request_id, None)
+            return reply, time.perf_counter() - start
+
+        if self._dealer is None:
+            raise TierError("this plan has an edge segment but the client has no edge address", "no_edge")
+        reply, elapsed, request = await self._with_plan_retry("edge", entry, plan, tensors, send)
+        server_s = float(reply.meta.get("server_s", 0.0))
+        up_bytes = request.tensor_bytes
+        timing.edge_s = float(reply.meta.get("edge_s", 0.0))
+        timing.cloud_s = float(reply.meta.get("cloud_s", 0.0))
+        timing.edge_nodes = int(reply.meta.get("edge_nodes", 0))
+        timing.links_s["device_edge"] = max(elapsed - server_s, 0.0)
+        timing.bytes["device_edge"] = up_bytes + reply.tensor_bytes
+        self.links.observe("device_edge", timing.bytes["device_edge"], timing.links_s["device_edge"])
+        if "edge_cloud_s" in reply.meta:
+            timing.links_s["edge_cloud"] = float(reply.meta["edge_cloud_s"])
+            timing.bytes["edge_cloud"] = int(reply.meta.get("edge_cloud_bytes", 0))
+            self.links.observe("edge_cloud", timing.bytes["edge_cloud"], timing.links_s["edge_cloud"])
+        return reply
+
+    async def _send_cloud(self, entry: PlanEntry, plan: Plan, tensors: dict, timing: RequestTiming) -> Message:
+        if not self.cloud_url:
+            raise TierError("this plan sends to the cloud but the client has no cloud URL", "no_cloud")
+
+        async def send(request: Message):
+            start = time.perf_counter()
+            try:
+                reply = await transport.post_message(self._session, self.cloud_url + "/v1/infer", request,
+                                                     self.shapers.get("device_cloud"), self.timeout_s)
+            except (OSError, asyncio.TimeoutError) as exc:
+                raise TierError(f"cloud {self.cloud_url} is unreachable: {exc}", "unreachable") from None
+            return reply, time.perf_counter() - start
+
+        reply, elapsed, request = await self._with_plan_retry("cloud", entry, plan, tensors, send)
+        timing.cloud_s = float(reply.meta.get("cloud_s", 0.0))
+        server_s = float(reply.meta.get("server_s", timing.cloud_s))
+        timing.links_s["device_cloud"] = max(elapsed - server_s, 0.0)
+        timing.bytes["device_cloud"] = request.tensor_bytes + reply.tensor_bytes
+        self.links.observe("device_cloud", timing.bytes["device_cloud"], timing.links_s["device_cloud"])
+        return reply
+
+    # ----------------------------------------------------------------------------------- probes
+    def probe(self, nbytes: int = 256 * 1024) -> dict[str, float]:
+        """Light bandwidth probe of the device's links when idle; returns the updated estimates (bit/s)."""
+        return self._call(self._probe(nbytes), self.timeout_s)
+
+    async def _probe(self, nbytes: int) -> dict[str, float]:
+        payload = {"probe": torch.zeros(nbytes // 4)}
+        if self._dealer is not None:
+            request = Message(kind="probe", request_id=uuid.uuid4().hex, tensors=payload)
+            future = self._loop.create_future()
+            self._pending[request.request_id] = future
+            start = time.perf_counter()
+            await transport.send_zmq(self._dealer, request, shaper=self.shapers.get("device_edge"))
+            await asyncio.wait_for(future, self.timeout_s)
+            self.links.observe("device_edge", nbytes, time.perf_counter() - start)
+        await self._loop.run_in_executor(None, self._replan)
+        return dict(self.links.bps)

@@ -1,0 +1,350 @@
+"""The edge daemon: one process per edge node, ZeroMQ between them (ROUTER for everything coming in,
+one DEALER per peer for tiles and heartbeats going out; never REQ/REP, whose lock-step would serialise
+concurrent requests).
+
+The node a device sends a request to coordinates it: it runs the plan's edge segment with
+``partitioner.tiling.run_edge_tiled`` whose ``tile_runner`` sends each tile to the node the tiling chose
+(itself included), gathers and stitches, then forwards the cloud segment's inputs to the cloud endpoint
+over HTTP (or answers the device at once when the cloud segment is empty). Nodes announce themselves
+and their speed every ``heartbeat_s``; a peer silent for ``peer_timeout_s`` leaves the tiling, and a tile
+sent to a peer that does not answer within ``tile_timeout_s`` is re-run on this node.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import zmq
+import zmq.asyncio
+
+from tiers import transport, wire
+from tiers.runtime import Metrics, ModelStore, PlanEntry, RequestError, check_inputs, timed_run
+from tiers.wire import Message, WireError
+
+log = logging.getLogger("d3.edge")
+
+
+@dataclass
+class EdgeConfig:
+    name: str
+    bind: str  # e.g. tcp://127.0.0.1:5600
+    peers: dict[str, str] = field(default_factory=dict)  # other edge nodes: name -> address
+    cloud_url: str | None = None  # http://host:port
+    speed: float | None = None  # relative speed announced to peers (default 1/slowdown)
+    slowdown: float = 1.0  # emulated: sleep (k-1) x compute time
+    heartbeat_s: float = 0.5
+    peer_timeout_s: float = 2.0
+    tile_timeout_s: float = 20.0
+    workers: int = 8
+    tiling: bool = True
+    max_message_bytes: int = 256 << 20
+    shapers: dict = field(default_factory=dict)  # device_edge (replies), edge_cloud, edge_edge
+
+    @property
+    def announced_speed(self) -> float:
+        return self.speed if self.speed is not None else 1.0 / max(self.slowdown, 1e-9)
+
+
+@dataclass
+class PeerState:
+    address: str
+    speed: float = 1.0
+    last_seen: float = 0.0  # monotonic; 0 = never / dropped
+
+
+class EdgeDaemon:
+    def __init__(self, config: EdgeConfig, store: ModelStore | None = None):
+        self.config = config
+        self.store = store or ModelStore()
+        self.metrics = Metrics()
+        self.peers = {name: PeerState(address) for name, address in config.peers.items() if name != config.name}
+        self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix=f"{config.name}")
+        self._pending: dict[str, asyncio.Future] = {}
+        self._tilings: dict[tuple, object] = {}
+        self._cloud_plans: set[str] = set()  # plan ids the cloud has been sent
+        self._tasks: list[asyncio.Task] = []
+        self.tiles_rerun = 0
+
+    # ------------------------------------------------------------------------------------- lifecycle
+    async def run(self, ready=None) -> None:
+        import aiohttp
+
+        self.loop = asyncio.get_running_loop()
+        self.context = zmq.asyncio.Context()
+        self.router = self.context.socket(zmq.ROUTER)
+        transport.configure_zmq_socket(self.router)
+        self.router.bind(self.config.bind)
+        self.dealers = {}
+        for name, peer in self.peers.items():
+            dealer = self.context.socket(zmq.DEALER)
+            transport.configure_zmq_socket(dealer)
+            dealer.setsockopt(zmq.IDENTITY, self.config.name.encode())
+            dealer.setsockopt(zmq.IMMEDIATE, 1)  # never queue tiles for a peer that is not connected
+            dealer.connect(peer.address)
+            self.dealers[name] = dealer
+        self.session = aiohttp.ClientSession()
+        try:
+            self._tasks = [asyncio.create_task(self._router_loop()), asyncio.create_task(self._heartbeat_loop())]
+            self._tasks += [asyncio.create_task(self._dealer_loop(d)) for d in self.dealers.values()]
+            if ready is not None:
+                ready()
+            await asyncio.gather(*self._tasks)
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await self.session.close()
+            self.context.destroy(linger=0)
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def alive_nodes(self) -> list[tuple[str, float]]:
+        """(name, speed) of the nodes tiles may go to: this one first, then live peers by name."""
+        now = time.monotonic()
+        nodes = [(self.config.name, self.config.announced_speed)]
+        nodes += [(name, peer.speed) for name, peer in sorted(self.peers.items())
+                  if peer.last_seen and now - peer.last_seen < self.config.peer_timeout_s]
+        return nodes
+
+    # ------------------------------------------------------------------------------------- loops
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            hello = Message(kind="hello", meta={"name": self.config.name, "speed": self.config.announced_speed})
+            frames = wire.encode_frames(hello)
+            for dealer in self.dealers.values():
+                try:
+                    await dealer.send_multipart(frames, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # not connected (yet): the peer will not see us until it is
+            await asyncio.sleep(self.config.heartbeat_s)
+
+    async def _dealer_loop(self, dealer) -> None:
+        while True:
+            _, message = await transport.recv_zmq(dealer, max_message_bytes=self.config.max_message_bytes)
+            if isinstance(message, WireError):
+                log.warning("bad frame from a peer: %s", message)
+                continue
+            future = self._pending.get(message.request_id)
+            if future is not None and not future.done():
+                future.set_result(message)
+
+    async def _router_loop(self) -> None:
+        while True:
+            identity, message = await transport.recv_zmq(self.router, with_identity=True,
+                                                         max_message_bytes=self.config.max_message_bytes)
+            if isinstance(message, Message) and message.kind == "hello":
+                self._note_hello(message)
+                continue
+            asyncio.create_task(self._serve(identity, message))
+
+    def _note_hello(self, message: Message) -> None:
+        name, speed = message.meta.get("name"), message.meta.get("speed", 1.0)
+        if name in self.peers and isinstance(speed, (int, float)) and speed > 0:
+            self.peers[name].speed = float(speed)
+            self.peers[name].last_seen = time.monotonic()
+
+    async def _serve(self, identity: bytes, message) -> None:
+        start = time.perf_counter()
+        request_id, bytes_in, shaper = "", 0, None
+        self.metrics.in_flight += 1
+        try:
+            if isinstance(message, WireError):
+                raise message
+            request_id, bytes_in = message.request_id, message.tensor_bytes
+            if message.kind == "infer":
+                reply = await self._infer(message)
+                shaper = self.config.shapers.get("device_edge")
+            elif message.kind == "tile":
+                reply = await self._tile(message)
+                shaper = self.config.shapers.get("edge_edge")
+            elif message.kind == "status":
+                reply = Message(kind="status", request_id=request_id, meta=self.status())
+            elif message.kind == "probe":  # bandwidth probe: echo nothing, the sender times the upload
+                reply = Message(kind="probe", request_id=request_id, meta={"bytes": bytes_in})
+                shaper = self.config.shapers.get("device_edge")
+            else:
+                raise RequestError(f"edge nodes serve infer, tile, status, probe and hello; got {message.kind!r}")
+            outcome = "ok"
+        except WireError as exc:
+            reply, outcome = wire.error_message(request_id, str(exc), "bad_frame"), "bad_frame"
+        except RequestError as exc:
+            reply, outcome = wire.error_message(request_id, str(exc), exc.code), exc.code
+        except Exception as exc:  # one bad request must not take the node down
+            log.exception("request %s failed", request_id)
+            reply, outcome = wire.error_message(request_id, f"{type(exc).__name__}: {exc}", "internal"), "internal"
+        finally:
+            self.metrics.in_flight -= 1
+        if message is not None and getattr(message, "kind", "") != "status":
+            self.metrics.record(outcome, time.perf_counter() - start, bytes_in, reply.tensor_bytes)
+        try:
+            await transport.send_zmq(self.router, reply, identity, shaper)
+        except zmq.ZMQError as exc:  # the sender went away
+            log.warning("could not answer %s: %s", request_id, exc)
+
+    def status(self) -> dict:
+        return {"name": self.config.name, "alive": [name for name, _ in self.alive_nodes()],
+                "speed": self.config.announced_speed, "tiles_rerun": self.tiles_rerun,
+                "metrics": self.metrics.snapshot()}
+
+    # ------------------------------------------------------------------------------------- requests
+    async def _resolve(self, message: Message) -> PlanEntry:
+        return await self.loop.run_in_executor(self.executor, self.store.resolve, message)
+
+    async def _infer(self, message: Message) -> Message:
+        start = time.perf_counter()
+        entry = await self._resolve(message)
+        edge, cloud = entry.segmented.edge, entry.segmented.cloud
+        check_inputs(message.tensors, edge.input_names, entry.graph, "the edge segment")
+        # the plan says over how many nodes to spread the edge segment (1 = untiled, e.g. a baseline)
+        nodes = self.alive_nodes()[:max(1, len(entry.plan.edge_weights))]
+        edge_outputs, edge_s = await self._run_edge(entry, message.tensors, nodes)
+        values = {**message.tensors, **edge_outputs}
+        outputs = {name: values[name] for name in entry.graph.output_names
+                   if name in edge_outputs}
+        meta = {"edge_s": edge_s, "edge_nodes": len(nodes) if edge.node_names else 0}
+        if cloud.node_names:
+            missing = [name for name in cloud.input_names if name not in values]
+            if missing:
+                raise RequestError(f"the cloud segment needs {missing}, which neither the device sent nor "
+                                   f"the edge computed")
+            cloud_reply, link_s = await self._post_cloud(entry, message, {n: values[n] for n in cloud.input_names})
+            outputs.update(cloud_reply.tensors)
+            meta.update(cloud_s=cloud_reply.meta.get("cloud_s", 0.0), edge_cloud_s=link_s,
+                        edge_cloud_bytes=sum(t.numel() * t.element_size() for n, t in values.items()
+                                             if n in cloud.input_names) + cloud_reply.tensor_bytes)
+        meta["server_s"] = time.perf_counter() - start
+        return Message(kind="result", request_id=message.request_id, model=message.model,
+                       plan_version=message.plan_version, plan_id=message.plan_id, meta=meta, tensors=outputs)
+
+    async def _post_cloud(self, entry: PlanEntry, message: Message, tensors: dict) -> tuple[Message, float]:
+        """Forward to the cloud (with the plan JSON the first time); returns (reply, link seconds)."""
+        if not self.config.cloud_url:
+            raise RequestError("this plan has a cloud segment but the edge node has no cloud URL", "no_cloud")
+        url = self.config.cloud_url.rstrip("/") + "/v1/infer"
+        for attempt in range(2):
+            meta = {"link": "edge_cloud"}
+            if message.plan_id not in self._cloud_plans or attempt:
+                meta["plan"] = entry.plan_json
+            request = Message(kind="infer", request_id=message.request_id, model=message.model,
+                              plan_version=message.plan_version, plan_id=message.plan_id,
+                              model_digest=message.model_digest, meta=meta, tensors=tensors)
+            start = time.perf_counter()
+            try:
+                reply = await transport.post_message(self.session, url, request, self.config.shapers.get("edge_cloud"))
+            except OSError as exc:
+                raise RequestError(f"cloud endpoint {url} is unreachable: {exc}", "cloud_unreachable") from None
+            elapsed = time.perf_counter() - start
+            if reply.kind == "error" and reply.meta.get("code") == "unknown_plan" and not attempt:
+                self._cloud_plans.discard(message.plan_id)
+                continue
+            if reply.kind == "error":
+                raise RequestError(f"cloud: {reply.meta.get('error')}", reply.meta.get("code", "cloud_error"))
+            self._cloud_plans.add(message.plan_id)
+            return reply, max(elapsed - float(reply.meta.get("server_s", reply.meta.get("cloud_s", 0.0))), 1e-6)
+        raise RequestError("cloud kept refusing the plan", "unknown_plan")
+
+    async def _run_edge(self, entry: PlanEntry, values: dict, nodes: list[tuple[str, float]]) -> tuple[dict, float]:
+        segment = entry.segmented.edge
+        if not segment.node_names:
+            return {}, 0.0
+        tiling_plan = await self._tiling_for(entry, nodes) if len(nodes) > 1 else None
+        if tiling_plan is None:
+            return await self.loop.run_in_executor(
+                self.executor, lambda: timed_run(lambda: segment.run(values), self.config.slowdown))
+        from partitioner.tiling import run_edge_tiled
+
+        runner = self._tile_runner(entry, tiling_plan, [name for name, _ in nodes])
+        return await self.loop.run_in_executor(
+            self.executor, lambda: timed_run(lambda: run_edge_tiled(entry.graph, tiling_plan, values, runner)))
+
+    async def _tiling_for(self, entry: PlanEntry, nodes: list[tuple[str, float]]):
+        if not self.config.tiling:
+            return None
+        try:
+            from partitioner.tiling import plan_edge_tiling
+        except ImportError:  # tiling not installed: the edge segment runs whole on this node
+            return None
+        weights = tuple(round(speed, 3) for _, speed in nodes)
+        key = (wire.plan_digest(entry.plan_json), weights)
+        if key not in self._tilings:
+            segment = entry.segmented.edge
+            self._tilings[key] = await self.loop.run_in_executor(
+                self.executor, lambda: plan_edge_tiling(entry.graph, segment.node_names, segment.input_names,
+                                                        segment.output_names, list(weights)))
+        return self._tilings[key]
+
+    def _tile_runner(self, entry: PlanEntry, tiling_plan, node_names: list[str]):
+        """The seam run_edge_tiled calls (from its worker threads) for each tile."""
+        from partitioner.tiling import run_tile
+
+        def run_here(stage_index, tile, slices):
+            stage = tiling_plan.stages[stage_index]
+            outputs, _ = timed_run(lambda: run_tile(entry.graph, stage, tile, slices), self.config.slowdown)
+            return outputs
+
+        def runner(stage_index, tile, slices):
+            node = node_names[tile.node % len(node_names)]
+            if node == self.config.name:
+                return run_here(stage_index, tile, slices)
+            future = asyncio.run_coroutine_threadsafe(
+                self._remote_tile(node, entry, tiling_plan, stage_index, tile, slices), self.loop)
+            try:
+                return future.result()
+            except (asyncio.TimeoutError, RequestError, zmq.ZMQError) as exc:
+                log.warning("tile %d/%d on %s failed (%s); re-running it here", stage_index, tile.index, node, exc)
+                self.peers[node].last_seen = 0.0  # dropped until its next heartbeat
+                self.tiles_rerun += 1
+                return run_here(stage_index, tile, slices)
+
+        return runner
+
+    async def _remote_tile(self, node: str, entry: PlanEntry, tiling_plan, stage_index: int, tile, slices) -> dict:
+        request_id = uuid.uuid4().hex
+        stage = tiling_plan.stages[stage_index]
+        message = Message(kind="tile", request_id=request_id, model=entry.plan.model,
+                          plan_id=wire.plan_digest(entry.plan_json),
+                          meta={"plan": entry.plan_json, "stage": stage.to_dict(), "stage_index": stage_index,
+                                "tile": tile.to_dict()}, tensors=slices)
+        future = self.loop.create_future()
+        self._pending[request_id] = future
+
+        async def exchange() -> Message:
+            await transport.send_zmq(self.dealers[node], message, shaper=self.config.shapers.get("edge_edge"))
+            return await future
+
+        try:
+            reply = await asyncio.wait_for(exchange(), self.config.tile_timeout_s)
+        finally:
+            self._pending.pop(request_id, None)
+        if reply.kind == "error":
+            raise RequestError(f"{node}: {reply.meta.get('error')}", reply.meta.get("code", "tile_error"))
+        return reply.tensors
+
+    async def _tile(self, message: Message) -> Message:
+        """A peer's tile: a pure function of (stage, tile spec, input slices)."""
+        from partitioner.tiling import TiledStage, TileSpec, run_tile, stage_from_dict
+
+        entry = await self._resolve(message)
+        try:
+            stage = stage_from_dict(message.meta["stage"])
+            tile = TileSpec.from_dict(message.meta["tile"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RequestError(f"tile message has a bad stage or tile spec: {exc}") from None
+        if not isinstance(stage, TiledStage):
+            raise RequestError("tile message names a serial stage")
+        outputs, seconds = await self.loop.run_in_executor(
+            self.executor, lambda: timed_run(lambda: run_tile(entry.graph, stage, tile, message.tensors),
+                                             self.config.slowdown))
+        return Message(kind="tile_result", request_id=message.request_id, meta={"tile_s": seconds},
+                       tensors=outputs)
+
+
+def run_edge_daemon(config: EdgeConfig, store: ModelStore | None = None, ready=None, threads: int = 1) -> None:
+    """Run a node until interrupted (uvloop)."""
+    import uvloop
+
+    torch.set_num_threads(threads)
+    uvloop.run(EdgeDaemon(config, store).run(ready))

@@ -1,0 +1,168 @@
+"""What every tier keeps between requests: traced models, plans by digest, and their segments.
+
+A plan travels as JSON with the first request of its version (and again whenever a tier answers
+``unknown_plan``, e.g. after a restart); afterwards requests name it by ``plan_id`` (a digest of the
+JSON, because version numbers of different devices collide). Segments are built once per plan.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from partitioner.plan import Plan
+from tiers import wire
+from tiers.wire import Message
+
+
+class RequestError(ValueError):
+    """A request this tier cannot serve; ``code`` goes back to the sender with the text."""
+
+    def __init__(self, text: str, code: str = "bad_request"):
+        super().__init__(text)
+        self.code = code
+
+
+@dataclass
+class PlanEntry:
+    plan: Plan
+    plan_json: str
+    graph: Any  # ModelGraph
+    segmented: Any  # SegmentedModel
+
+
+class ModelStore:
+    """Graphs per (model, input shape), plans per digest. Thread-safe; builds happen once."""
+
+    def __init__(self, allowed_models: list[str] | None = None, weights: dict[str, str] | None = None,
+                 max_plans: int = 64):
+        self.allowed_models = allowed_models
+        self.weights = weights or {}
+        self.max_plans = max_plans
+        self._lock = threading.Lock()
+        self._graphs: dict[tuple, Any] = {}
+        self._digests: dict[tuple, str] = {}
+        self._plans: dict[str, PlanEntry] = {}
+
+    def graph(self, model: str, shape: tuple[int, ...]):
+        from partitioner.graph import load_graph
+
+        if self.allowed_models is not None and model not in self.allowed_models:
+            raise RequestError(f"model {model!r} is not served here; served: {self.allowed_models}", "bad_model")
+        key = (model, tuple(shape))
+        with self._lock:
+            if key not in self._graphs:
+                try:
+                    self._graphs[key] = load_graph(model, tuple(shape), self.weights.get(model))
+                except ValueError as exc:
+                    raise RequestError(str(exc), "bad_model") from None
+                self._digests[key] = wire.model_digest(self._graphs[key].module)
+            return self._graphs[key]
+
+    def digest(self, model: str, shape: tuple[int, ...]) -> str:
+        self.graph(model, shape)
+        return self._digests[(model, tuple(shape))]
+
+    def has_plan(self, plan_id: str) -> bool:
+        return plan_id in self._plans
+
+    def resolve(self, message: Message) -> PlanEntry:
+        """The plan a request names: from the cache, or from the plan JSON it carries."""
+        entry = self._plans.get(message.plan_id)
+        if entry is None:
+            plan_json = message.meta.get("plan")
+            if not isinstance(plan_json, str):
+                raise RequestError(f"plan {message.plan_id!r} is unknown here; send it with the request",
+                                   "unknown_plan")
+            entry = self.add_plan(plan_json, message.plan_id)
+        if message.model and message.model != entry.plan.model:
+            raise RequestError(f"request is for {message.model!r} but plan {message.plan_id} is for "
+                               f"{entry.plan.model!r}")
+        ours = self._digests[(entry.plan.model, tuple(entry.plan.input_shape))]
+        if message.model_digest and message.model_digest != ours:
+            raise RequestError(f"model digest {message.model_digest} differs from this tier's {ours}: "
+                               f"the tiers run different weights of {entry.plan.model}", "model_mismatch")
+        return entry
+
+    def add_plan(self, plan_json: str, plan_id: str | None = None) -> PlanEntry:
+        from partitioner.segments import build_segments
+
+        digest = wire.plan_digest(plan_json)
+        if plan_id and plan_id != digest:
+            raise RequestError(f"plan_id {plan_id!r} does not match the digest of the plan sent ({digest})")
+        try:
+            plan = Plan.from_json(plan_json)
+        except (ValueError, TypeError) as exc:
+            raise RequestError(f"plan JSON is not a valid plan: {exc}") from None
+        graph = self.graph(plan.model, tuple(plan.input_shape))
+        try:
+            segmented = build_segments(graph, plan.assignment)
+        except ValueError as exc:
+            raise RequestError(f"plan {digest} cannot be executed: {exc}") from None
+        entry = PlanEntry(plan, plan_json, graph, segmented)
+        with self._lock:
+            if len(self._plans) >= self.max_plans:  # forget the oldest plan; a device resends if needed
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[digest] = entry
+        return entry
+
+
+def check_inputs(tensors: dict[str, torch.Tensor], names: list[str], graph, what: str) -> None:
+    """Every value the segment needs is there with the traced shape and dtype."""
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise RequestError(f"{what} needs values {missing} that the request does not carry")
+    for name in names:
+        record = graph.records.get(name)
+        expected = tuple(record.output_shape) if record is not None and record.output_shape else None
+        if expected is not None and tuple(tensors[name].shape) != expected:
+            raise RequestError(f"value {name!r} has shape {tuple(tensors[name].shape)}, the plan expects {expected}")
+
+
+@dataclass
+class Metrics:
+    """Request counts, latencies and bytes, served as JSON on /metrics (or a ZeroMQ ``status``)."""
+
+    started: float = field(default_factory=time.time)
+    requests: dict[str, int] = field(default_factory=dict)  # by outcome: ok, error codes
+    bytes_in: int = 0
+    bytes_out: int = 0
+    latencies_ms: deque = field(default_factory=lambda: deque(maxlen=1000))
+    in_flight: int = 0
+
+    def record(self, outcome: str, latency_s: float, bytes_in: int, bytes_out: int) -> None:
+        self.requests[outcome] = self.requests.get(outcome, 0) + 1
+        self.latencies_ms.append(latency_s * 1e3)
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+
+    def snapshot(self) -> dict:
+        values = sorted(self.latencies_ms)
+
+        def pct(q: float) -> float | None:
+            return round(values[min(len(values) - 1, int(q * len(values)))], 3) if values else None
+
+        return {"uptime_s": round(time.time() - self.started, 1), "requests": dict(self.requests),
+                "requests_total": sum(self.requests.values()), "in_flight": self.in_flight,
+                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+                "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "count": len(values)}}
+
+
+def emulate_slowdown(elapsed_s: float, slowdown: float) -> None:
+    """Make this tier ``slowdown`` times slower than the machine: sleep (k-1) x the measured compute time.
+    Sleeping (not spinning) keeps the CPU free, so emulated nodes on one machine still run in parallel."""
+    if slowdown > 1.0:
+        time.sleep((slowdown - 1.0) * elapsed_s)
+
+
+def timed_run(function, slowdown: float = 1.0) -> tuple[Any, float]:
+    """Run ``function()`` under no_grad, then the emulated slowdown; returns (result, seconds in all)."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        result = function()
+    emulate_slowdown(time.perf_counter() - start, slowdown)
+    return result, time.perf_counter() - start
