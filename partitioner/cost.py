@@ -10,13 +10,14 @@ The result returns from the tier holding each model output straight to the devic
 device-edge link, cloud->device over the device-cloud link). A tier's per-call overhead is paid when it
 has work; a tier's load (a queue, another tenant) enters as a slowdown factor on its compute.
 
-Edge compute over N edge nodes is priced with a cheap model (the tiling planner is too slow for the
-planner's inner loop): a *tileable* node (spatial, before any global op) runs split in N row bands sized
-by the node weights, so it takes ``t * halo_factor(N) / sum(weights)``; ``halo_factor`` comes from the
-receptive-field growth (kernel, stride, dilation) between that node and the end of the tileable region,
-computed once per graph. A non-tileable node runs whole on the coordinator (node 0): ``t / weights[0]``.
-Tensors entering the edge are scattered and tensors leaving it (or entering a non-tileable node) are
-gathered over the edge-edge link (the share not held by the coordinator).
+Edge compute over N edge nodes is calibrated from the tiling engineer's real plans
+(``partitioner.tiling.plan_edge_tiling``), computed once per (graph, edge weights) for the whole model as
+one edge segment and cached: a node in a tiled stage takes ``t * makespan(stage) / work(stage)`` (the
+stage's slowest tile, halo included, over its untiled work), a node of a serial stage runs whole on the
+coordinator (node 0): ``t / weights[0]``. Tensors entering the edge are scattered and tensors leaving it
+(or entering a serial node) are gathered over the edge-edge link (the share not held by the coordinator);
+a tensor that crosses between two tiled stages is gathered by its producer and re-scattered at its first
+reader in the later stage, so every extra stage the tiling cuts is priced over ``edge_edge_bps``.
 
 For a fixed assignment every stage is linear in a small parameter vector (slowdowns, seconds per byte of
 each link, half RTTs, overheads), so a plan is summarised by a feature vector and its latency under new
@@ -30,7 +31,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from partitioner.graph import GLOBAL_KINDS, ModelGraph
+from partitioner.graph import ModelGraph
 from partitioner.segments import TIERS, normalise_assignment
 
 DEFAULT_EDGE_EDGE_BPS = 1e9  # the edge cluster's own LAN: 1 Gbit/s Ethernet
@@ -118,12 +119,10 @@ class CostGraph:
     out_bytes: np.ndarray  # bytes of each node's output tensor
     outputs: np.ndarray  # indices of the model's output nodes
     tileable: np.ndarray  # bool: spatial node before any global op
-    halo_rows: np.ndarray  # overlap rows per tile boundary at this node's output
-    rows: np.ndarray  # output height (rows split across tiles)
     serial_gather_bytes: np.ndarray  # bytes of tiled tensors a non-tileable node reads (gathered first)
     index: dict[str, int] = field(default_factory=dict)
     _model_seconds: dict = field(default_factory=dict)
-    _edge_factor: dict = field(default_factory=dict)
+    _edge_model: dict = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -141,27 +140,90 @@ class CostGraph:
             self._model_seconds[key] = (model, values)  # hold the model so its id stays unique
         return self._model_seconds[key][1]
 
+    def edge_model(self, weights: Sequence[float]) -> "EdgeModel":
+        """The calibrated edge tiling for these node weights (cached)."""
+        key = tuple(float(w) for w in weights)
+        if key not in self._edge_model:
+            self._edge_model[key] = _edge_model(self, key)
+        return self._edge_model[key]
+
     def edge_factor(self, weights: Sequence[float]) -> np.ndarray:
         """Per-node multiplier of one weight-1 edge node's time when the edge runs over these weights."""
-        key = tuple(float(w) for w in weights)
-        if key not in self._edge_factor:
-            nodes, total, coordinator = len(key), sum(key), key[0]
-            halo = np.minimum(nodes, 1.0 + (nodes - 1) * self.halo_rows / np.maximum(self.rows, 1))
-            factor = np.where(self.tileable, halo / total, 1.0 / coordinator)
-            self._edge_factor[key] = factor if nodes > 1 else np.full(self.n, 1.0 / coordinator)
-        return self._edge_factor[key]
+        return self.edge_model(weights).factor
+
+
+@dataclass
+class EdgeModel:
+    """What the real tiling plan of the whole model over some edge weights implies, per node."""
+
+    factor: np.ndarray  # multiplier of one weight-1 node's time (tiled: stage makespan / stage work)
+    boundary: np.ndarray  # bool: a tensor read by a later tiled stage (gathered, then re-scattered)
+    rescatter_bytes: np.ndarray  # bytes a node re-scatters as the first reader of boundary tensors
+    scatter_bytes: np.ndarray  # bytes of a tensor as a tiled stage reads it (halo rows sent twice)
+    stages: int  # tiled stages of the whole-model plan
+    halo_overhead_pct: float
+    predicted_speedup: float
+
+    def entry_scatter(self, out_bytes: np.ndarray) -> np.ndarray:
+        """Bytes of a device tensor scattered on entry (a boundary tensor's reader pays its scatter)."""
+        return np.where(self.boundary, 0.0, self.scatter_bytes)
+
+
+def _edge_model(cg: "CostGraph", weights: tuple[float, ...]) -> EdgeModel:
+    n = cg.n
+    boundary, rescatter, scatter = np.zeros(n, dtype=bool), np.zeros(n), cg.out_bytes.copy()
+    if len(weights) == 1:
+        return EdgeModel(np.full(n, 1.0 / weights[0]), boundary, rescatter, scatter, 0, 0.0, 1.0)
+    from partitioner.halo import region_area
+    from partitioner.tiling import TiledStage, plan_edge_tiling
+
+    graph = cg._graph
+    share = 1.0 - weights[0] / sum(weights)
+    plan = plan_edge_tiling(graph, list(graph.order), list(graph.input_names), list(graph.output_names),
+                            list(weights))
+    factor = np.full(n, 1.0 / weights[0])
+    stage_of = {}
+    for number, stage in enumerate(plan.stages):
+        for name in stage.nodes:
+            stage_of[name] = number
+        if isinstance(stage, TiledStage) and stage.flops > 0:
+            makespan = max(t.flops / weights[t.node] for t in stage.tiles)
+            factor[[cg.index[name] for name in stage.nodes]] = makespan / stage.flops
+            for name in stage.input_names:  # what really crosses the LAN, over the share the model assumes
+                sent = sum(_pixel_bytes(graph, name) * region_area(t.input_regions[name])
+                           for t in stage.tiles if t.node != 0 and name in t.input_regions)
+                scatter[cg.index[name]] = sent / share if share > 0 else cg.out_bytes[cg.index[name]]
+    tiled = {number for number, stage in enumerate(plan.stages) if isinstance(stage, TiledStage)}
+    order = {name: i for i, name in enumerate(cg.names)}
+    for number, stage in enumerate(plan.stages):
+        if number not in tiled:
+            continue
+        for name in stage.output_names:
+            readers = [r for r in graph.dag.successors(name) if stage_of.get(r) in tiled and stage_of[r] != number]
+            if readers:
+                p = cg.index[name]
+                boundary[p] = True
+                rescatter[cg.index[min(readers, key=order.__getitem__)]] += scatter[p]
+    return EdgeModel(factor, boundary, rescatter, scatter, len(tiled), plan.halo_overhead_pct, plan.predicted_speedup)
+
+
+def _pixel_bytes(graph: ModelGraph, name: str) -> float:
+    shape = graph.records[name].output_shape
+    return graph.records[name].output_bytes / (shape[-2] * shape[-1])
 
 
 def _spatial(record) -> bool:
     return record.is_tensor and record.output_shape is not None and len(record.output_shape) == 4
 
 
-def _window(record) -> tuple[int, int, int]:
-    """(kernel, stride, dilation) along the split axis (height) of a sliding-window node, else (1, 1, 1)."""
-    hyper = record.hyper
-    if record.op_kind in ("conv", "maxpool", "avgpool") and "kernel" in hyper:
-        return int(hyper["kernel"][0]), int(hyper["stride"][0]), int(hyper.get("dilation", (1,))[0])
-    return 1, 1, 1
+def _tileable(graph: ModelGraph, names: list[str], records) -> np.ndarray:
+    """Nodes the tiling runs in tiled stages (a spatial model input counts as tiled data)."""
+    from partitioner.halo import TileOp
+    from partitioner.tiling import tile_ops
+
+    ops = tile_ops(graph)
+    return np.array([isinstance(ops.get(name), TileOp) if name in ops else _spatial(record)
+                     for name, record in zip(names, records)], dtype=bool)
 
 
 def cost_graph(graph: ModelGraph) -> CostGraph:
@@ -176,33 +238,14 @@ def cost_graph(graph: ModelGraph) -> CostGraph:
     records = [graph.records[name] for name in names]
     out_bytes = np.array([max(r.output_bytes, 1) for r in records], dtype=float)
 
-    tileable = np.zeros(len(names), dtype=bool)
-    for i, record in enumerate(records):
-        if i < len(graph.input_names):
-            tileable[i] = _spatial(record)
-            continue
-        tileable[i] = (_spatial(record) and record.op_kind not in GLOBAL_KINDS
-                       and all(tileable[index[p]] for p in record.input_names if p in index))
-    consumers: list[list[int]] = [[] for _ in names]
-    for s, d in edges:
-        consumers[s].append(d)
-    halo = np.zeros(len(names))
-    for i in reversed(range(len(names))):  # names are in topological order
-        if not tileable[i]:
-            continue
-        for c in consumers[i]:
-            if tileable[c]:
-                kernel, stride, dilation = _window(records[c])
-                halo[i] = max(halo[i], halo[c] * stride + max(0, (kernel - 1) * dilation + 1 - stride))
-    rows = np.array([r.output_shape[2] if _spatial(r) else 1 for r in records], dtype=float)
+    tileable = _tileable(graph, names, records)
     serial_gather = np.zeros(len(names))
     for i, record in enumerate(records):
         if i >= len(graph.input_names) and not tileable[i]:
             serial_gather[i] = sum(out_bytes[index[p]] for p in set(record.input_names)
                                    if p in index and tileable[index[p]])
     outputs = np.array([index[name] for name in graph.output_names if name in index], dtype=np.int64)
-    result = CostGraph(names, len(graph.input_names), src, dst, out_bytes, outputs, tileable, halo, rows,
-                       serial_gather, index)
+    result = CostGraph(names, len(graph.input_names), src, dst, out_bytes, outputs, tileable, serial_gather, index)
     result._graph = graph
     graph._d3_cost_graph = result
     return result
@@ -283,13 +326,16 @@ def unit_costs(cg: CostGraph, cond: Conditions) -> UnitCosts:
     theta = cond.theta()
     tiers, share = cond.tiers, cond.outside_share
     ee = theta[F_EE_BYTES] * share
-    edge_seconds = cg.base_seconds(tiers.edge) * cg.edge_factor(cond.edge_weights) * theta[F_EDGE_S]
-    gather = np.where(cg.tileable, cg.out_bytes, 0.0) * ee
+    em = cg.edge_model(cond.edge_weights)
+    edge_seconds = cg.base_seconds(tiers.edge) * em.factor * theta[F_EDGE_S]
+    # a tiled tensor leaving the edge is gathered first, unless its producer gathers it anyway (boundary)
+    gather = np.where(cg.tileable & ~em.boundary, cg.out_bytes, 0.0) * ee
+    lan_bytes = cg.serial_gather_bytes + em.rescatter_bytes + np.where(em.boundary, cg.out_bytes, 0.0)
     return UnitCosts(
         device_s=cg.base_seconds(tiers.device) * theta[F_DEVICE_S],
-        edge_s=edge_seconds + cg.serial_gather_bytes * ee,
+        edge_s=edge_seconds + lan_bytes * ee,
         cloud_s=cg.base_seconds(tiers.cloud) * theta[F_CLOUD_S],
-        de_s=cg.out_bytes * (theta[F_DE_BYTES] + ee),
+        de_s=cg.out_bytes * theta[F_DE_BYTES] + em.entry_scatter(cg.out_bytes) * ee,
         dc_s=cg.out_bytes * theta[F_DC_BYTES],
         ec_s=cg.out_bytes * theta[F_EC_BYTES] + gather,
         ret_edge_s=cg.out_bytes * theta[F_RET_E_BYTES] + gather,
@@ -311,16 +357,18 @@ def features(cg: CostGraph, labels: np.ndarray, cond: Conditions) -> np.ndarray:
     out_labels = labels[cg.outputs]
     ret_e = cg.outputs[out_labels == 1]
     ret_c = cg.outputs[out_labels == 2]
-    tiled_bytes = np.where(cg.tileable, cg.out_bytes, 0.0)
+    em = cg.edge_model(cond.edge_weights)
+    exit_gather = np.where(cg.tileable & ~em.boundary, cg.out_bytes, 0.0)
+    lan_bytes = cg.serial_gather_bytes + em.rescatter_bytes + np.where(em.boundary, cg.out_bytes, 0.0)
     f = np.zeros(N_FEATURES)
     f[F_DEVICE_S] = cg.base_seconds(cond.tiers.device)[on_device].sum()
-    f[F_EDGE_S] = (cg.base_seconds(cond.tiers.edge) * cg.edge_factor(cond.edge_weights))[on_edge].sum()
+    f[F_EDGE_S] = (cg.base_seconds(cond.tiers.edge) * em.factor)[on_edge].sum()
     f[F_CLOUD_S] = cg.base_seconds(cond.tiers.cloud)[on_cloud].sum()
     f[F_DE_BYTES] = cg.out_bytes[de].sum()
     f[F_DC_BYTES] = cg.out_bytes[dc].sum()
     f[F_EC_BYTES] = cg.out_bytes[ec].sum()
-    f[F_EE_BYTES] = share * (f[F_DE_BYTES] + tiled_bytes[ec].sum() + tiled_bytes[ret_e].sum()
-                             + cg.serial_gather_bytes[on_edge].sum())
+    f[F_EE_BYTES] = share * (em.entry_scatter(cg.out_bytes)[de].sum() + exit_gather[ec].sum()
+                             + exit_gather[ret_e].sum() + lan_bytes[on_edge].sum())
     f[F_RET_E_BYTES] = cg.out_bytes[ret_e].sum()
     f[F_RET_C_BYTES] = cg.out_bytes[ret_c].sum()
     f[F_DE_USED] = float(de.any())
@@ -338,16 +386,52 @@ def stage_seconds(f: np.ndarray, theta: np.ndarray) -> dict[str, float]:
     return {stage: float(sum(f[k] * theta[k] for k in keys)) for stage, keys in STAGE_FEATURES.items()}
 
 
-def bottleneck_seconds(f: np.ndarray, theta: np.ndarray) -> float:
-    """Throughput objective: the slowest pipeline stage (compute per tier, bytes per link direction; RTTs
-    overlap in a pipeline and do not limit the rate)."""
-    return float(max(
+PIPELINE_STAGES = ("device", "edge", "cloud", "device->edge", "device->cloud", "edge->cloud", "edge->device",
+                   "cloud->device")
+
+
+def pipeline_stage_seconds(f: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Seconds of each pipeline stage (``PIPELINE_STAGES``): compute per tier, bytes per link direction;
+    RTTs overlap in a pipeline and do not limit the rate."""
+    return np.array([
         f[F_DEVICE_S] * theta[F_DEVICE_S] + theta[F_ONE],
         f[F_EDGE_S] * theta[F_EDGE_S] + f[F_EE_BYTES] * theta[F_EE_BYTES] + f[F_EDGE_BUSY] * theta[F_EDGE_BUSY],
         f[F_CLOUD_S] * theta[F_CLOUD_S] + f[F_CLOUD_BUSY] * theta[F_CLOUD_BUSY],
         f[F_DE_BYTES] * theta[F_DE_BYTES], f[F_DC_BYTES] * theta[F_DC_BYTES], f[F_EC_BYTES] * theta[F_EC_BYTES],
         f[F_RET_E_BYTES] * theta[F_RET_E_BYTES], f[F_RET_C_BYTES] * theta[F_RET_C_BYTES],
-    ))
+    ])
+
+
+def bottleneck_seconds(f: np.ndarray, theta: np.ndarray) -> float:
+    """Throughput objective: the slowest pipeline stage."""
+    return float(pipeline_stage_seconds(f, theta).max())
+
+
+def weighted_unit_costs(cg: CostGraph, cond: Conditions, weights: np.ndarray) -> UnitCosts:
+    """Unit costs of ``sum_k weights[k] * pipeline stage k`` (same order as ``PIPELINE_STAGES``): a
+    weighted sum of the stages is priced like a latency (RTTs zero), so the min cut minimises it."""
+    w_dev, w_edge, w_cloud, w_de, w_dc, w_ec, w_rete, w_retc = (float(x) for x in weights)
+    theta = cond.theta()
+    ee = theta[F_EE_BYTES] * cond.outside_share
+    em = cg.edge_model(cond.edge_weights)
+    gather = np.where(cg.tileable & ~em.boundary, cg.out_bytes, 0.0) * ee
+    lan_bytes = cg.serial_gather_bytes + em.rescatter_bytes + np.where(em.boundary, cg.out_bytes, 0.0)
+    edge_s = cg.base_seconds(cond.tiers.edge) * em.factor * theta[F_EDGE_S] + lan_bytes * ee
+    weighted = np.zeros(N_FEATURES)
+    weighted[F_ONE] = w_dev * theta[F_ONE]
+    weighted[F_EDGE_BUSY] = w_edge * theta[F_EDGE_BUSY]
+    weighted[F_CLOUD_BUSY] = w_cloud * theta[F_CLOUD_BUSY]
+    return UnitCosts(
+        device_s=w_dev * cg.base_seconds(cond.tiers.device) * theta[F_DEVICE_S],
+        edge_s=w_edge * edge_s,
+        cloud_s=w_cloud * cg.base_seconds(cond.tiers.cloud) * theta[F_CLOUD_S],
+        de_s=w_de * cg.out_bytes * theta[F_DE_BYTES] + w_edge * em.entry_scatter(cg.out_bytes) * ee,
+        dc_s=w_dc * cg.out_bytes * theta[F_DC_BYTES],
+        ec_s=w_ec * cg.out_bytes * theta[F_EC_BYTES] + w_edge * gather,
+        ret_edge_s=w_rete * cg.out_bytes * theta[F_RET_E_BYTES] + w_edge * gather,
+        ret_cloud_s=w_retc * cg.out_bytes * theta[F_RET_C_BYTES],
+        theta=weighted,
+    )
 
 
 def link_bytes(f: np.ndarray) -> dict[str, int]:
@@ -391,3 +475,36 @@ def predict_bottleneck_ms(graph: ModelGraph, plan, links: Links, tiers: TierMode
     cg = cost_graph(graph)
     f = features(cg, labels_of(graph, plan.assignment if hasattr(plan, "assignment") else plan), cond)
     return bottleneck_seconds(f, cond.theta()) * 1e3
+
+
+def tiled_edge_ms(graph: ModelGraph, plan, links: Links, tiers: TierModels) -> float:
+    """The edge stage of ``plan`` (ms) priced from the real tiling plan of its actual edge segment
+    (``plan_edge_tiling`` over ``plan.edge_weights``): per tiled stage its slowest tile, halo included,
+    and every tile's input and output rectangles that cross the edge LAN; serial stages on the
+    coordinator. The planner's calibrated ``stages_ms["edge"]`` should agree with it (a check, not fast)."""
+    from partitioner.halo import region_area
+    from partitioner.segments import build_segments
+    from partitioner.tiling import TiledStage, plan_edge_tiling
+
+    weights = tuple(float(w) for w in getattr(plan, "edge_weights", (1.0,)))
+    cond = Conditions(links, tiers, weights)
+    theta, cg = cond.theta(), cost_graph(graph)
+    segment = build_segments(graph, plan.assignment if hasattr(plan, "assignment") else plan).segments[1]
+    if not segment.node_names:
+        return 0.0
+    tiling = plan_edge_tiling(graph, segment.node_names, segment.input_names, segment.output_names, weights)
+    node_s = cg.base_seconds(tiers.edge) * theta[F_EDGE_S]
+    pixel_bytes = lambda name: _pixel_bytes(graph, name)  # noqa: E731
+
+    seconds, lan_bytes = theta[F_EDGE_BUSY], 0.0
+    for stage in tiling.stages:
+        work_s = float(node_s[[cg.index[name] for name in stage.nodes]].sum())
+        if not isinstance(stage, TiledStage) or stage.flops <= 0:
+            seconds += work_s / weights[0]
+            continue
+        seconds += work_s * max(t.flops / weights[t.node] for t in stage.tiles) / stage.flops
+        for tile in stage.tiles:
+            if tile.node != 0:  # the coordinator holds the whole maps already
+                lan_bytes += sum(pixel_bytes(n) * region_area(r) for n, r in tile.input_regions.items())
+                lan_bytes += sum(pixel_bytes(n) * region_area(r) for n, r in tile.output_regions.items())
+    return (seconds + lan_bytes * theta[F_EE_BYTES]) * 1e3

@@ -30,10 +30,11 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 
-from partitioner.cost import (F_DC_USED, F_DE_USED, F_EC_USED, F_EDGE_BUSY, F_CLOUD_BUSY, F_ONE, F_RET_C_USED,
+from partitioner.cost import (F_DC_BYTES, F_DC_USED, F_DE_BYTES, F_DE_USED, F_EC_BYTES, F_EC_USED, F_EDGE_BUSY,
+                              F_EE_BYTES, F_CLOUD_BUSY, F_ONE, F_RET_C_BYTES, F_RET_C_USED, F_RET_E_BYTES,
                               F_RET_E_USED, Conditions, CostGraph, Links, TierModels, UnitCosts,
                               assignment_of, bottleneck_seconds, cost_graph, features, link_bytes,
-                              stage_seconds, unit_costs)
+                              pipeline_stage_seconds, stage_seconds, unit_costs, weighted_unit_costs)
 from partitioner.graph import ModelGraph
 from partitioner.plan import Plan
 
@@ -68,26 +69,38 @@ def _network(cg: CostGraph) -> _Network:
     v2 = np.ones(cg.n, dtype=np.int64)
     v1[work] = 2 + 2 * np.arange(n_work)
     v2[work] = 3 + 2 * np.arange(n_work)
-    producers = np.unique(cg.src)
+    # A tensor read by one work node needs no auxiliary nodes: its transfer edges go straight from the
+    # reader back to the producer (half the flow network on a CNN, where most tensors have one reader).
+    readers = np.bincount(cg.src, minlength=cg.n)
+    direct = (readers == 1) & (np.arange(cg.n) >= cg.n_inputs)
+    all_producers = np.unique(cg.src)
+    aux_producers = all_producers[~direct[all_producers]]
+    direct_producers = all_producers[direct[all_producers]]
+    reader_of = np.zeros(cg.n, dtype=np.int64)
+    reader_of[cg.src] = cg.dst
+    producers = np.concatenate([aux_producers, direct_producers])
     aux_base = 2 + 2 * n_work
-    m1 = aux_base + 3 * np.arange(len(producers))
+    m1 = aux_base + 3 * np.arange(len(aux_producers))
     m2, m3 = m1 + 1, m1 + 2
     aux_of = np.full(cg.n, -1)
-    aux_of[producers] = np.arange(len(producers))
-    size = aux_base + 3 * len(producers)
+    aux_of[aux_producers] = np.arange(len(aux_producers))
+    size = aux_base + 3 * len(aux_producers)
 
     work_edges = cg.src >= cg.n_inputs  # both ends are work nodes (consumers always are)
-    consumer_aux = aux_of[cg.src]
+    via_aux = ~direct[cg.src]
+    consumer_aux = aux_of[cg.src[via_aux]]
+    reader = reader_of[direct_producers]
     rows = [np.zeros(n_work, dtype=np.int64), v1[work], v2[work],  # finite: unary chain
             v2[work], v1[cg.src[work_edges]], v2[cg.src[work_edges]],  # infinite from here
-            v1[cg.dst], v2[cg.dst], v2[cg.dst],
-            m1, m2, m3]  # finite: transfers
+            v1[cg.dst[via_aux]], v2[cg.dst[via_aux]], v2[cg.dst[via_aux]],
+            m1, v1[reader], m2, v2[reader], m3, v2[reader]]  # finite: transfers (alpha, beta, gamma)
     cols = [v1[work], v2[work], np.ones(n_work, dtype=np.int64),
             v1[work], v1[cg.dst[work_edges]], v2[cg.dst[work_edges]],
             m1[consumer_aux], m2[consumer_aux], m3[consumer_aux],
-            v1[producers], v1[producers], v2[producers]]
+            v1[aux_producers], v1[direct_producers], v1[aux_producers], v1[direct_producers],
+            v2[aux_producers], v2[direct_producers]]
     rows, cols = np.concatenate(rows), np.concatenate(cols)
-    n_infinite = n_work + 2 * int(work_edges.sum()) + 3 * len(cg.src)
+    n_infinite = n_work + 2 * int(work_edges.sum()) + 3 * int(via_aux.sum())
     slots = np.arange(1, len(rows) + 1)
     matrix = sp.csr_matrix((slots, (rows, cols)), shape=(size, size))
     matrix.sum_duplicates()
@@ -216,9 +229,7 @@ def solve(cg: CostGraph, cond: Conditions, allowed_tiers: Sequence[int] = (0, 1,
     """The best assignment under ``cond`` using only ``allowed_tiers`` (``edge_patterns_only``: only the
     link patterns that use the edge, for a second solve with other edge weights)."""
     if objective == "throughput":
-        from partitioner.oracle import solve_milp
-
-        return solve_milp(cg, cond, allowed_tiers, objective="throughput")
+        return solve_throughput(cg, cond, allowed_tiers)
     net = _network(cg)
     uc = unit_costs(cg, cond)
     theta = uc.theta
@@ -243,6 +254,212 @@ def solve(cg: CostGraph, cond: Conditions, allowed_tiers: Sequence[int] = (0, 1,
         if not any(np.array_equal(labels, c) for c in candidates):
             candidates.append(labels)
     return Solution(labels, features(cg, labels, cond), seconds, lower_bound, candidates)
+
+
+@dataclass
+class _ChainCuts:
+    """Bytes crossing each link for every two-cut split of the topological order (device: positions < i,
+    edge: [i, j), cloud: >= j), as (m+1) x (m+1) matrices over (i, j); per graph, prices applied later."""
+
+    m: int
+    order: np.ndarray  # cost-graph indices of the work nodes in this topological order
+    de_index: tuple[np.ndarray, np.ndarray, np.ndarray]  # (i, j, producer): producer's tensor starts crossing
+    dc_bytes: np.ndarray
+    ec_index: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # rectangle corners per producer
+    outputs: np.ndarray  # positions of work-node outputs
+    cache: dict
+
+
+def _topological_orders(cg: CostGraph) -> list[np.ndarray]:
+    """The program order, and the order that always runs the ready node latest in program order (each
+    fork's other branch first), so that a split putting parallel branches on different tiers is a
+    two-cut split of one of them."""
+    import heapq
+
+    indegree = np.bincount(cg.dst, minlength=cg.n)
+    consumers = [[] for _ in range(cg.n)]
+    for u, v in zip(cg.src.tolist(), cg.dst.tolist()):
+        consumers[u].append(v)
+    ready = [-v for v in range(cg.n) if indegree[v] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        v = -heapq.heappop(ready)
+        order.append(v)
+        for c in consumers[v]:
+            indegree[c] -= 1
+            if indegree[c] == 0:
+                heapq.heappush(ready, -c)
+    late_first = np.array([v for v in order if v >= cg.n_inputs], dtype=np.int64)
+    program = np.arange(cg.n_inputs, cg.n)
+    return [program] if np.array_equal(late_first, program) else [program, late_first]
+
+
+def _all_chain_cuts(cg: CostGraph) -> list["_ChainCuts"]:
+    cached = getattr(cg, "_chain_cuts", None)
+    if cached is None:
+        cached = cg._chain_cuts = [_chain_cuts(cg, order) for order in _topological_orders(cg)]
+    return cached
+
+
+def _chain_cuts(cg: CostGraph, order: np.ndarray) -> _ChainCuts:
+    m = cg.n - cg.n_inputs
+    position = np.full(cg.n, -1)  # model inputs: before everything (always on the device)
+    position[order] = np.arange(m)
+    rows, cols, owners, dc = [], [], [], np.zeros((m + 2, m + 2))
+    ec_corners = []
+    for p in np.unique(cg.src):
+        readers = np.sort(position[cg.dst[cg.src == p]])
+        own, last, size = max(position[p], -1), readers[-1], cg.out_bytes[p]
+        starts = np.arange(own + 1, last + 1)  # i: the producer is on the device
+        # device->edge from cut i on, when its first reader at or after i is on the edge (j beyond it)
+        rows.append(starts)
+        cols.append(readers[np.searchsorted(readers, starts)] + 1)
+        owners.append(np.full(len(starts), p))
+        dc[own + 1, 0] += size  # device->cloud: i > own and j <= last reader
+        dc[own + 1, last + 1] -= size
+        if position[p] >= 0:  # edge->cloud: i <= own < j <= last reader
+            ec_corners.append((p, own, last))
+    dc_bytes = np.cumsum(np.cumsum(dc, axis=1), axis=0)[:m + 1, :m + 1]
+    ec = np.array(ec_corners, dtype=np.int64).reshape(-1, 3)
+    result = _ChainCuts(m, order, (np.concatenate(rows), np.concatenate(cols), np.concatenate(owners)), dc_bytes,
+                        (ec[:, 0], ec[:, 1], ec[:, 2], np.zeros(0)), cg.outputs[cg.outputs >= cg.n_inputs]
+                        - cg.n_inputs, {})
+    return result
+
+
+def _crossing(chain: _ChainCuts, key: str, de_bytes: np.ndarray | None = None,
+              ec_bytes: np.ndarray | None = None) -> np.ndarray:
+    """Bytes per (i, j) of the tensors crossing device->edge (weighted by ``de_bytes``) or edge->cloud."""
+    if key in chain.cache:
+        return chain.cache[key]
+    m = chain.m
+    grid = np.zeros((m + 2, m + 2))
+    if de_bytes is not None:
+        i, j, p = chain.de_index
+        np.add.at(grid, (i, j), de_bytes[p])
+        result = np.cumsum(grid, axis=1)[:m + 1, :m + 1]
+    else:
+        p, own, last, _ = chain.ec_index
+        size = ec_bytes[p]
+        for r, c, sign in ((0, own + 1, 1), (0, last + 1, -1), (own + 1, own + 1, -1), (own + 1, last + 1, 1)):
+            np.add.at(grid, (np.broadcast_to(r, p.shape), c), sign * size)
+        result = np.cumsum(np.cumsum(grid, axis=1), axis=0)[:m + 1, :m + 1]
+    if len(chain.cache) > 64:
+        chain.cache.clear()
+    chain.cache[key] = result
+    return result
+
+
+def chain_stage_seconds(cg: CostGraph, cond: Conditions, chain: _ChainCuts) -> np.ndarray:
+    """Pipeline stage seconds (``PIPELINE_STAGES`` x (m+1) x (m+1)) of every two-cut split of the
+    chain's topological order; entries with j < i are infinite."""
+    uc, theta, m = unit_costs(cg, cond), cond.theta(), chain.m
+    em = cg.edge_model(cond.edge_weights)
+    weights_key = tuple(cond.edge_weights)
+    ee = theta[F_EE_BYTES] * cond.outside_share
+    exit_gather = np.where(cg.tileable & ~em.boundary, cg.out_bytes, 0.0)
+    de = _crossing(chain, "de", de_bytes=cg.out_bytes)
+    dc = chain.dc_bytes
+    ec = _crossing(chain, "ec", ec_bytes=cg.out_bytes)
+    scatter = _crossing(chain, f"scatter{weights_key}", de_bytes=em.entry_scatter(cg.out_bytes))
+    gather = _crossing(chain, f"gather{weights_key}", ec_bytes=exit_gather)
+    work = chain.order
+    prefix = lambda values: np.concatenate([[0.0], np.cumsum(values[work])])  # noqa: E731
+    device, edge, cloud = prefix(uc.device_s), prefix(uc.edge_s), prefix(uc.cloud_s)
+    out_e, out_c = np.zeros(cg.n), np.zeros(cg.n)
+    out_e[cg.outputs] = cg.out_bytes[cg.outputs]
+    out_c[cg.outputs] = exit_gather[cg.outputs]
+    returned, returned_gather = prefix(out_e), prefix(out_c)
+    i, j = np.arange(m + 1)[:, None], np.arange(m + 1)[None, :]
+    edge_used, cloud_used = (j > i).astype(float), (j < m).astype(float)
+    stages = np.empty((8, m + 1, m + 1))
+    stages[0] = device[i] + theta[F_ONE] + 0 * j
+    stages[1] = (edge[j] - edge[i] + ee * (scatter + gather + returned_gather[j] - returned_gather[i])
+                 + edge_used * theta[F_EDGE_BUSY])
+    stages[2] = cloud[m] - cloud[j] + cloud_used * theta[F_CLOUD_BUSY] + 0 * i
+    stages[3] = de * theta[F_DE_BYTES]
+    stages[4] = dc * theta[F_DC_BYTES]
+    stages[5] = ec * theta[F_EC_BYTES]
+    stages[6] = (returned[j] - returned[i]) * theta[F_RET_E_BYTES]
+    stages[7] = (returned[m] - returned[j] + 0 * i) * theta[F_RET_C_BYTES]
+    stages[:, j < i] = np.inf
+    return stages
+
+
+def _dual_weights(planes: np.ndarray) -> tuple[np.ndarray, float]:
+    """argmax over the simplex of min_l weights . planes[l] (a small LP), and that max."""
+    from scipy.optimize import linprog
+
+    count, stages = planes.shape
+    cost = np.zeros(stages + 1)
+    cost[-1] = -1.0  # maximise t
+    scale = max(float(planes.max()), 1e-12)
+    a_ub = np.hstack([-planes / scale, np.ones((count, 1))])  # t <= w . S_l
+    result = linprog(cost, A_ub=a_ub, b_ub=np.zeros(count), A_eq=np.append(np.ones(stages), 0.0)[None, :],
+                     b_eq=[1.0], bounds=[(0, None)] * stages + [(None, None)], method="highs")
+    if result.x is None:
+        return np.full(stages, 1.0 / stages), np.inf
+    return np.maximum(result.x[:stages], 1e-9), float(-result.fun * scale)
+
+
+def solve_throughput(cg: CostGraph, cond: Conditions, allowed_tiers: Sequence[int] = (0, 1, 2),
+                     iterations: int = 20) -> Solution:
+    """Minimise the slowest pipeline stage (a min-max: NP-hard over all DAG assignments, so no min cut
+    solves it exactly). Candidates: the exact optimum over every two-cut split of the topological order
+    (all (i, j) at once from per-graph crossing-byte matrices, a few ms), the latency planner's cuts, and
+    min cuts of weighted stage sums whose weights solve the Lagrangian dual by Kelley's cutting planes
+    (the cuts that balance the bottleneck stages, e.g. one branch up each link); a local search polishes
+    the best. The MILP in ``oracle.py`` is the exact check (tests, bench)."""
+    theta = cond.theta()
+    m = cg.n - cg.n_inputs
+    candidates = []
+    for chain_cuts in _all_chain_cuts(cg):
+        bottleneck = chain_stage_seconds(cg, cond, chain_cuts).max(axis=0)
+        i, j = np.arange(m + 1)[:, None], np.arange(m + 1)[None, :]
+        allowed = np.ones_like(bottleneck, dtype=bool)
+        if 0 not in allowed_tiers:
+            allowed &= i == 0
+        if 1 not in allowed_tiers:
+            allowed &= i == j
+        if 2 not in allowed_tiers:
+            allowed &= j == m
+        cut_i, cut_j = divmod(int(np.argmin(np.where(allowed, bottleneck, np.inf))), m + 1)
+        chain = np.zeros(cg.n, dtype=np.int64)
+        chain[chain_cuts.order[cut_i:]] = 1
+        chain[chain_cuts.order[cut_j:]] = 2
+        candidates.append(chain)
+    candidates += list(solve(cg, cond, allowed_tiers).candidates)
+    net = _network(cg)
+    # every link pattern: with one stage weighted lightly the all-links cut alone underprices the others
+    patterns = [p for p in PATTERNS if any(p) and (1 in allowed_tiers or not p[0])
+                and (2 in allowed_tiers or not (p[1] or p[2]))]
+    planes = [pipeline_stage_seconds(features(cg, c, cond), theta) for c in candidates]
+    upper = min(float(plane.max()) for plane in planes)
+    lower = 0.0
+    for _ in range(iterations if patterns else 0):
+        # Kelley's cutting planes on the Lagrangian dual: the stage weights that maximise the lowest
+        # weighted sum over the cuts found so far; the min cuts for them are the next cuts
+        weights, dual_upper = _dual_weights(np.array(planes))
+        uc = weighted_unit_costs(cg, cond, weights)
+        solved = [_solve_pattern(cg, net, uc, pattern) for pattern in patterns]
+        lower = max(lower, min(bound for _, bound in solved))
+        new = [cut for cut, _ in solved if not any(np.array_equal(cut, c) for c in candidates)]
+        if not new:
+            break  # the dual has converged: no new cut for these weights
+        for cut in new:
+            candidates.append(cut)
+            planes.append(pipeline_stage_seconds(features(cg, cut, cond), theta))
+            upper = min(upper, float(planes[-1].max()))
+        if dual_upper <= lower * (1 + 1e-6) or upper <= lower * (1 + 1e-6):
+            break
+    prices = [bottleneck_seconds(features(cg, c, cond), theta) for c in candidates]
+    best = int(np.argmin(prices))
+    labels, upper = _local_search(cg, cond, candidates[best], prices[best], theta, allowed_tiers, "throughput",
+                                  max_rounds=10)
+    if not any(np.array_equal(labels, c) for c in candidates):
+        candidates.append(labels)
+    return Solution(labels, features(cg, labels, cond), upper, min(lower, upper), candidates)
 
 
 def make_plan(graph: ModelGraph, cond: Conditions, labels: np.ndarray, strategy: str) -> Plan:

@@ -137,7 +137,9 @@ def _add_stage_rows(rows: _Rows, cg, cond, uc, a, b, y_de, y_dc, y_ec, outputs, 
     theta = uc.theta
     work = range(cg.n_inputs, cg.n)
     share_ee = theta[F_EE_BYTES] * cond.outside_share
-    tiled = np.where(cg.tileable, cg.out_bytes, 0.0)
+    em = cg.edge_model(cond.edge_weights)
+    tiled = np.where(cg.tileable & ~em.boundary, cg.out_bytes, 0.0)  # gathered on the way out
+    entry = em.entry_scatter(cg.out_bytes)  # scattered on the way in
     device_total = float(uc.device_s[list(work)].sum()) + theta[F_ONE]
     rows.add({T: 1, **{a[v]: uc.device_s[v] for v in work}}, lower=device_total)  # sum cD (1 - a) <= T
     edge_terms = {T: 1.0, E_BUSY: -theta[F_EDGE_BUSY]}
@@ -145,7 +147,7 @@ def _add_stage_rows(rows: _Rows, cg, cond, uc, a, b, y_de, y_dc, y_ec, outputs, 
         edge_terms[a[v]] = -uc.edge_s[v]
         edge_terms[b[v]] = uc.edge_s[v]
     for p in y_de:
-        edge_terms[y_de[p]] = -cg.out_bytes[p] * share_ee
+        edge_terms[y_de[p]] = -entry[p] * share_ee
         edge_terms[y_ec[p]] = -tiled[p] * share_ee
     for o in outputs:
         edge_terms[a[o]] -= tiled[o] * share_ee

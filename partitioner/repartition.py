@@ -13,9 +13,13 @@ plus the local-search result). One ``update``:
    within ``neighbourhood`` (relative, per parameter) of a point that was fully solved;
 3. otherwise falls back to a full re-plan (min cut), whose cuts join the library.
 
-Hysteresis: the current plan is kept unless the best candidate is more than ``hysteresis`` cheaper, or more
-than ``tolerance`` cheaper on ``patience`` consecutive updates (a lasting change), so one noisy bandwidth
-estimate does not make the plan flap; ``version`` and ``repartitions`` count real changes.
+Hysteresis is measured in predicted time saved: the plan changes when the best candidate saves at least
+``min_gain`` of the current plan's time *and* at least ``min_gain_ms`` (switching has a cost: the tiers
+reload segments), so a real gain of a few percent is taken at once. Noise makes a plan flap by going
+*back* to a plan it left under nearly the same conditions, so a return to a plan left earlier needs the
+conditions to have moved by ``flap_distance`` (relative, on some link or load) from where it was left, or
+the larger ``hysteresis`` saving, or the gain to last ``2 * patience`` updates. ``version`` and
+``repartitions`` count real changes.
 """
 from __future__ import annotations
 
@@ -42,16 +46,22 @@ class StepStats:
 
 class Repartitioner:
     def __init__(self, graph: ModelGraph, tiers: TierModels, links: Links, edge_weights: Sequence[float] = (1.0,),
-                 hysteresis: float = 0.05, tolerance: float = 0.02, neighbourhood: float = 0.10, patience: int = 2):
+                 hysteresis: float = 0.05, tolerance: float = 0.02, neighbourhood: float = 0.10, patience: int = 2,
+                 min_gain: float = 0.015, min_gain_ms: float = 0.5, flap_distance: float = 0.25):
         if not 0 <= hysteresis < 1:
             raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis}")
+        if not 0 <= min_gain < 1 or min_gain_ms < 0:
+            raise ValueError(f"min_gain must be in [0, 1) and min_gain_ms >= 0, got {min_gain}, {min_gain_ms}")
         self.graph = graph
         self.cg = cost_graph(graph)
         self.hysteresis, self.tolerance, self.neighbourhood = hysteresis, tolerance, neighbourhood
         self.cond = Conditions(links, tiers, tuple(edge_weights))
         self.repartitions = 0
         self.patience = patience
-        self._better_steps = 0  # consecutive steps on which some plan beat the current one by > tolerance
+        self.min_gain, self.min_gain_s = min(min_gain, hysteresis), min_gain_ms / 1e3
+        self._better_steps = 0  # consecutive steps on which some plan beat the current one by > min_gain
+        self.flap_distance = flap_distance
+        self._left_at: dict[int, tuple[int, np.ndarray]] = {}  # library index -> (update number, theta) when left
         self.stats = StepStats()
         self._labels: list[np.ndarray] = []
         self._tiled: list[bool] = []  # False: the edge segment runs whole on the coordinator
@@ -87,15 +97,15 @@ class Repartitioner:
         if not self._acceptable(theta, prices[best]):
             best = self._full_replan(theta)
             prices = self._features @ theta
-        current_price = prices[self._current]
-        clearly_better = prices[best] < current_price * (1 - self.hysteresis)
-        self._better_steps = self._better_steps + 1 if prices[best] < current_price * (1 - self.tolerance) else 0
-        if best != self._current and (clearly_better or self._better_steps >= self.patience):
+        if best != self._current and self._should_switch(best, prices[best], prices[self._current], theta):
+            self._left_at[self._current] = (self.stats.steps, theta)
             self._better_steps = 0
             self._current = best
             self.repartitions += 1
             self.plan = self._make_plan(best, version=self.plan.version + 1)
         else:
+            if best == self._current:
+                self._better_steps = 0
             self._reprice(prices[self._current])
         self.stats.steps += 1
         self.stats.step_seconds.append(time.perf_counter() - started)
@@ -106,6 +116,23 @@ class Repartitioner:
         return float((self._features @ self.cond.theta()).min() * 1e3)
 
     # --- internals ------------------------------------------------------------------------------
+    def _should_switch(self, best: int, best_price: float, current_price: float, theta: np.ndarray) -> bool:
+        saving = current_price - best_price
+        worth_it = saving >= max(self.min_gain * current_price, self.min_gain_s)
+        self._better_steps = self._better_steps + 1 if worth_it else 0
+        if not worth_it:
+            return False
+        left_step, left_theta = self._left_at.get(best, (None, None))
+        if left_step is None:
+            return True
+        # Going back to a plan left earlier: noise around a crossover does that; a real swing of the
+        # bandwidth (or a large saving, or a lasting one) moves the conditions far from where it was left.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            moved = np.abs(np.log(theta / left_theta))
+        moved = float(np.nanmax(np.where(np.isfinite(moved), moved, 0.0)))
+        return (saving >= self.hysteresis * current_price or moved >= np.log1p(self.flap_distance)
+                or self._better_steps >= 2 * self.patience)
+
     def _acceptable(self, theta: np.ndarray, price: float) -> bool:
         if not len(self._solved_opt):
             return False
@@ -148,6 +175,7 @@ class Repartitioner:
             del self._labels[drop]
             del self._tiled[drop]
             self._features = np.delete(self._features, drop, axis=0)
+            self._left_at = {i - (i > drop): left for i, left in self._left_at.items() if i != drop}
             if getattr(self, "_current", None) is not None and self._current > drop:
                 self._current -= 1
         self._labels.append(labels)

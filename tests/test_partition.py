@@ -8,8 +8,9 @@ import torch
 
 from conftest import zoo_graph
 from partitioner.baselines import BASELINE_NAMES, baseline_plans
-from partitioner.cost import Conditions, Links, TierModels, cost_graph, predict_bottleneck_ms, predict_plan_ms
-from partitioner.hpa import plan_d3, solve
+from partitioner.cost import (Conditions, Links, TierModels, cost_graph, features, pipeline_stage_seconds,
+                              predict_bottleneck_ms, predict_plan_ms, tiled_edge_ms)
+from partitioner.hpa import _all_chain_cuts, chain_stage_seconds, plan_d3, solve, solve_throughput
 from partitioner.oracle import solve_milp
 from partitioner.repartition import Repartitioner
 from partitioner.segments import AssignmentError, build_segments
@@ -91,7 +92,19 @@ def test_tiling_over_more_edge_nodes_helps_a_compute_heavy_edge():
     one = plan_d3(graph, links, TIERS, (1.0,))
     four = plan_d3(graph, links, TIERS, (1.0,) * 4)
     assert len(four.edge_weights) == 4
-    assert four.stages_ms["edge"] < 0.8 * one.stages_ms["edge"]  # halo and scatter/gather eat part of 4x
+    # calibrated from the real tiling plan (stages with <= 25% halo each): close to 4x, not 1.4x
+    assert four.stages_ms["edge"] < 0.4 * one.stages_ms["edge"]
+
+
+@pytest.mark.parametrize("model,bw,nodes", [("vgg16", (1000, 0.5, 0.5), 4), ("resnet18", (1000, 0.5, 0.5), 8),
+                                            ("mobilenet_v2", (20, 200, 8), 2)])
+def test_planned_edge_stage_agrees_with_the_real_tiling_of_its_segment(model, bw, nodes):
+    graph = zoo_graph(model)
+    links = Links.mbps(*bw, **RTTS)
+    plan = plan_d3(graph, links, TIERS, (1.0,) * nodes)
+    assert len(plan.edge_weights) == nodes and plan.stages_ms["edge"] > 0
+    real = tiled_edge_ms(graph, plan, links, TIERS)  # plan_edge_tiling of the plan's actual edge segment
+    assert plan.stages_ms["edge"] == pytest.approx(real, rel=0.12)
 
 
 def test_throughput_objective_minimises_the_slowest_stage():
@@ -104,6 +117,32 @@ def test_throughput_objective_minimises_the_slowest_stage():
     assert stream_plan.stages_ms["bottleneck"] == pytest.approx(predict_bottleneck_ms(graph, stream_plan, links, TIERS))
     with pytest.raises(ValueError, match="objective"):
         plan_d3(graph, links, TIERS, objective="energy")
+
+
+@pytest.mark.parametrize("model", ["alexnet", "resnet18", "squeezenet1_1"])
+def test_fast_throughput_planner_agrees_with_the_milp(model):
+    cg = cost_graph(zoo_graph(model))
+    for bw in [(5, 100, 4), (20, 20, 10), (1000, 0.5, 0.5), (300, 20, 5)]:
+        cond = Conditions(Links.mbps(*bw, **RTTS), TIERS, (1.0, 1.0))
+        fast, exact = solve_throughput(cg, cond), solve_milp(cg, cond, objective="throughput")
+        assert exact.seconds <= fast.seconds * (1 + 1e-6)
+        assert fast.seconds <= 1.02 * exact.seconds, (model, bw, fast.seconds, exact.seconds)
+
+
+def test_two_cut_stage_matrices_match_the_cost_model():
+    graph = zoo_graph("resnet18")
+    cg = cost_graph(graph)
+    cond = Conditions(Links.mbps(5, 100, 4, **RTTS), TIERS, (1.0, 1.0))
+    rng = np.random.default_rng(1)
+    for chain in _all_chain_cuts(cg):
+        stages = chain_stage_seconds(cg, cond, chain)
+        for _ in range(30):
+            i, j = sorted(rng.integers(0, chain.m + 1, 2))
+            labels = np.zeros(cg.n, dtype=np.int64)
+            labels[chain.order[i:]] = 1
+            labels[chain.order[j:]] = 2
+            expected = pipeline_stage_seconds(features(cg, labels, cond), cond.theta())
+            np.testing.assert_allclose(stages[:, i, j], expected, rtol=1e-9, atol=1e-12)
 
 
 def test_resnet50_full_plan_is_fast():
@@ -125,8 +164,9 @@ def _trace_mbps(steps=150):
     return np.clip(trace.mbps, 0.2, None)[:steps]
 
 
-def test_repartitioner_tracks_a_trace_cheaply_and_closely():
-    graph = zoo_graph("resnet50")
+@pytest.mark.parametrize("model", ["resnet50", "mobilenet_v2", "squeezenet1_1"])
+def test_repartitioner_tracks_a_trace_cheaply_and_closely(model):
+    graph = zoo_graph(model)
     base = Links.mbps(5.85, 100, 4.68, **RTTS)
     rep = Repartitioner(graph, TIERS, base, (1.0,) * 4)
     cg = cost_graph(graph)
@@ -136,9 +176,24 @@ def test_repartitioner_tracks_a_trace_cheaply_and_closely():
         plan = rep.update(links)
         best = min(solve(cg, Conditions(links, TIERS, w)).seconds for w in ((1.0,) * 4, (1.0,)))
         close.append(plan.predicted_ms <= 1.02 * best * 1e3)
-    assert np.mean(close) >= 0.9
+    assert np.mean(close) >= 0.95
     assert rep.stats.full_replans < 0.5 * rep.stats.steps
     assert np.median(rep.stats.step_seconds) < 0.005  # < 1 ms on an idle core; the bench reports it
+
+
+def test_noisy_stationary_bandwidth_at_a_crossover_does_not_flap():
+    graph = zoo_graph("resnet18")
+    links = lambda mbps: Links.mbps(mbps, 100, 0.8 * mbps, **RTTS)  # noqa: E731
+    grid = np.geomspace(0.5, 200, 40)
+    plans = [tuple(sorted(plan_d3(graph, links(b), TIERS, (1.0,) * 4).assignment.items())) for b in grid]
+    crossovers = [np.sqrt(grid[k] * grid[k + 1]) for k in range(len(grid) - 1) if plans[k] != plans[k + 1]]
+    assert crossovers  # the plan does change somewhere on the grid: the worst place for noise
+    for crossover in crossovers:
+        rep = Repartitioner(graph, TIERS, links(crossover), (1.0,) * 4)
+        rng = np.random.default_rng(0)
+        for _ in range(40):
+            rep.update(links(crossover * (1 + rng.uniform(-0.03, 0.03))))
+        assert rep.repartitions <= 1, crossover  # at most one switch to the other side, never back and forth
 
 
 def test_hysteresis_ignores_noise_and_follows_real_change():
