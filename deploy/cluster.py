@@ -20,12 +20,54 @@ class EdgeNodeSpec:
 
 
 @dataclass
+class SecuritySpec:
+    """The ``[security]`` table (see tiers/security.py; ``d3 keys`` prints it). Paths are absolute or
+    relative to the cluster file."""
+
+    keys_dir: str | None = None  # public/ (CURVE allow-list), private/<name>.key_secret, tokens.json
+    curve: bool = True  # CURVE on every ZeroMQ socket (needs keys_dir)
+    tokens_required: bool = True  # the cloud refuses requests without a known bearer token
+    tls_cert: str | None = None  # the cloud serves HTTPS with this certificate ...
+    tls_key: str | None = None  # ... and key
+    tls_ca: str | None = None  # what clients verify the cloud against (default: tls_cert, self-signed)
+
+
+def _parse_security(table, source: str, base_dir: Path | None) -> SecuritySpec | None:
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise ValueError(f"{source}: [security] must be a table")
+    known = {"keys_dir", "curve", "tokens_required", "tls_cert", "tls_key", "tls_ca"}
+    unknown = set(table) - known
+    if unknown:
+        raise ValueError(f"{source}: [security] has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+
+    def path(key: str) -> str | None:
+        value = table.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{source}: [security] {key} must be a path string, got {value!r}")
+        return str((base_dir / value) if base_dir is not None and not Path(value).is_absolute() else Path(value))
+
+    spec = SecuritySpec(path("keys_dir"), bool(table.get("curve", True)), bool(table.get("tokens_required", True)),
+                        path("tls_cert"), path("tls_key"), path("tls_ca"))
+    if (spec.curve or spec.tokens_required) and spec.keys_dir is None:
+        raise ValueError(f"{source}: [security] needs keys_dir for CURVE keys and tokens (or curve = false, "
+                         f"tokens_required = false)")
+    if bool(spec.tls_cert) != bool(spec.tls_key):
+        raise ValueError(f"{source}: [security] tls_cert and tls_key go together")
+    return spec
+
+
+@dataclass
 class Cluster:
     cloud_url: str
     edges: list[EdgeNodeSpec]
     cloud_slowdown: float = 1.0
     device_slowdown: float = 1.0
     link_traces: dict[str, str] = field(default_factory=dict)  # link -> built-in trace name or file
+    security: SecuritySpec | None = None  # None: no CURVE, no tokens, no TLS (say so when starting)
 
     @property
     def cloud_host_port(self) -> tuple[str, int]:
@@ -48,7 +90,14 @@ class Cluster:
             if spec.speed is not None:
                 lines.append(f"speed = {spec.speed}")
             lines.append("")
+        if self.security is not None:
+            lines += ["[security]"] + [f'{key} = {_toml_value(value)}' for key, value in
+                                       self.security.__dict__.items() if value is not None] + [""]
         return "\n".join(lines)
+
+
+def _toml_value(value) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else f'"{value}"'
 
 
 def _positive(value, where: str) -> float:
@@ -57,7 +106,7 @@ def _positive(value, where: str) -> float:
     return float(value)
 
 
-def parse_cluster(data: dict, source: str = "cluster file") -> Cluster:
+def parse_cluster(data: dict, source: str = "cluster file", base_dir: Path | None = None) -> Cluster:
     cloud = data.get("cloud", {})
     if not isinstance(cloud.get("url"), str) or not cloud["url"].startswith(("http://", "https://")):
         raise ValueError(f"{source}: [cloud] url must be an http:// URL, got {cloud.get('url')!r}")
@@ -78,7 +127,8 @@ def parse_cluster(data: dict, source: str = "cluster file") -> Cluster:
     if unknown:
         raise ValueError(f"{source}: [links] names unknown links {sorted(unknown)}; known: {LINK_NAMES}")
     return Cluster(cloud["url"], edges, _positive(cloud.get("slowdown", 1.0), "[cloud] slowdown"),
-                   _positive(data.get("device", {}).get("slowdown", 1.0), "[device] slowdown"), dict(links))
+                   _positive(data.get("device", {}).get("slowdown", 1.0), "[device] slowdown"), dict(links),
+                   _parse_security(data.get("security"), source, base_dir))
 
 
 def load_cluster(path: str | Path) -> Cluster:
@@ -89,4 +139,4 @@ def load_cluster(path: str | Path) -> Cluster:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: not valid TOML: {exc}") from None
-    return parse_cluster(data, str(path))
+    return parse_cluster(data, str(path), path.parent)
