@@ -10,6 +10,7 @@ import sys
 COMMAND_MODULES = [
     "partitioner.cli",
     "partitioner.plan_cli",
+    "partitioner.edge_strategies.cli",
     "predictor.cli",
     "tiers.cli",
     "traces.cli",
