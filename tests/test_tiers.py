@@ -94,9 +94,10 @@ def test_repartitioning_client_switches_plans_between_requests(cluster):
 
 
 def test_fifty_concurrent_requests_from_eight_clients(cluster):
-    plans = [split_plan("resnet18", d, e) for d, e in [(2, 30), (5, 50), (0, 20), (3, 69), (0, 0), (8, 40),
-                                                       (1, 60), (10, 10)]]
-    clients = [client_for(cluster, "resnet18", plan, edge=i % 3) for i, plan in enumerate(plans)]
+    # three plans (three tiers; edge + cloud; device + edge) over 8 clients: each tier builds a plan's
+    # segments once, so more distinct plans only add build time, not concurrency
+    plans = [split_plan("resnet18", d, e) for d, e in [(2, 30), (0, 20), (3, 69)]]
+    clients = [client_for(cluster, "resnet18", plans[i % 3], edge=i % 3) for i in range(8)]
     inputs = [reference("resnet18", seed=10 + i) for i in range(50)]
     try:
         with ThreadPoolExecutor(max_workers=16) as pool:

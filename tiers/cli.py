@@ -28,6 +28,9 @@ def add_commands(subparsers) -> None:
     cloud.add_argument("--slowdown", type=float, default=None, help="emulated slowdown (default: cluster file)")
     cloud.add_argument("--workers", type=int, default=4, help="requests computed at once (default 4)")
     cloud.add_argument("--max-body-mb", type=float, default=256.0, help="largest request body (default 256)")
+    cloud.add_argument("--max-queue", type=int, default=256,
+                       help="requests held at once (reading, queued, computing); more get 503 + Retry-After "
+                            "(default 256)")
     cloud.set_defaults(handler=run_cloud)
 
     edge = subparsers.add_parser("edge", help="run one edge node (ZeroMQ) of a cluster file")
@@ -49,11 +52,47 @@ def add_commands(subparsers) -> None:
     infer.add_argument("--strategy", default="d3", choices=STRATEGIES, help="plan to use (default d3, re-planned)")
     infer.add_argument("--slowdown", type=float, default=None, help="emulated device slowdown (default: file)")
     infer.add_argument("--json", action="store_true", help="one JSON object per request")
+    infer.add_argument("--device-name", default="device0",
+                       help="this device's name in the key folder ([security]; default device0)")
     infer.set_defaults(handler=run_infer)
 
     from tiers.demo import add_demo_command
 
     add_demo_command(subparsers)
+    _announce_open_demo(subparsers.choices.get("demo"))
+
+
+def _announce_open_demo(demo_parser) -> None:
+    """The local demo runs without CURVE, tokens or TLS (loopback only): say so before it starts."""
+    handler = demo_parser.get_default("handler") if demo_parser is not None else None
+    if handler is None:
+        return
+
+    def announced(args):
+        print("d3 demo: security OFF (loopback-only demo: no CURVE keys, bearer tokens or TLS; "
+              "see d3 keys and [security] for a real cluster)", flush=True)
+        return handler(args)
+
+    demo_parser.set_defaults(handler=announced)
+
+
+def node_security(spec, name: str, role: str, edge_name: str | None = None):
+    from tiers.security import node_security as load
+
+    return load(spec, name, role, edge_name)
+
+
+def describe_security(security, role: str) -> str:
+    """One phrase for the start-up line: an operator must see at once when a tier runs open."""
+    if security is None:
+        return "security OFF: no [security] in the cluster file, anyone on the network may connect"
+    if role == "cloud":
+        parts = ["TLS" if security.ssl_server else "no TLS",
+                 "bearer tokens" if security.token_check else "NO token check"]
+    else:
+        parts = ["CURVE" if security.curve else "NO CURVE", "token" if security.token else "no cloud token",
+                 "TLS to cloud" if security.ssl_client else "plain HTTP to cloud"]
+    return "security: " + ", ".join(parts)
 
 
 def _shapers(args, cluster) -> dict:
@@ -76,10 +115,16 @@ def run_cloud(args: argparse.Namespace) -> int:
     host, port = cluster.cloud_host_port
     host, port = args.host or host, args.port or port
     slowdown = args.slowdown or cluster.cloud_slowdown
+    if args.max_queue < 1:
+        raise ValueError(f"--max-queue must be at least 1, got {args.max_queue}")
+    security = node_security(cluster.security, "cloud", "cloud")
     app = make_cloud_app(workers=args.workers, slowdown=slowdown, max_message_bytes=int(args.max_body_mb * 1e6),
-                         shapers=_shapers(args, cluster), threads=args.threads)
-    ready = lambda: print(f"d3 cloud: serving on http://{host}:{port} (slowdown {slowdown:g})", flush=True)  # noqa: E731
-    uvloop.run(serve_cloud(host, port, app, ready))
+                         shapers=_shapers(args, cluster), threads=args.threads, security=security,
+                         max_queue=args.max_queue)
+    scheme = "https" if security is not None and security.ssl_server is not None else "http"
+    ready = lambda: print(f"d3 cloud: serving on {scheme}://{host}:{port} (slowdown {slowdown:g}; "  # noqa: E731
+                          f"{describe_security(security, 'cloud')})", flush=True)
+    uvloop.run(serve_cloud(host, port, app, ready, ssl_context=security.ssl_server if security else None))
     return 0
 
 
@@ -93,8 +138,10 @@ def run_edge(args: argparse.Namespace) -> int:
     config = EdgeConfig(name=spec.name, bind=bind, peers={e.name: e.address for e in cluster.edges},
                         cloud_url=cluster.cloud_url, speed=spec.speed, slowdown=args.slowdown or spec.slowdown,
                         tiling=not args.no_tiling, peer_timeout_s=args.peer_timeout,
-                        tile_timeout_s=args.tile_timeout, shapers=_shapers(args, cluster))
-    ready = lambda: print(f"d3 edge {spec.name}: serving on {bind} with {len(cluster.edges) - 1} peers", flush=True)  # noqa: E731
+                        tile_timeout_s=args.tile_timeout, shapers=_shapers(args, cluster),
+                        security=node_security(cluster.security, spec.name, "edge"))
+    ready = lambda: print(f"d3 edge {spec.name}: serving on {bind} with {len(cluster.edges) - 1} peers "  # noqa: E731
+                          f"({describe_security(config.security, 'edge')})", flush=True)
     run_edge_daemon(config, ready=ready, threads=args.threads)
     return 0
 
@@ -135,7 +182,9 @@ def run_infer(args: argparse.Namespace) -> int:
         reference = graph.module(x)
     with Client(args.model, edge=edge.address if edge else None, cloud=cluster.cloud_url,
                 input_shape=graph.input_shape, plan=plan, weights=args.weights, links=links, tiers=tiers,
-                edge_weights=weights, slowdown=slowdown, shapers=_shapers(args, cluster)) as client:
+                edge_weights=weights, slowdown=slowdown, shapers=_shapers(args, cluster),
+                security=node_security(cluster.security, args.device_name, "device",
+                                       edge.name if edge else None)) as client:
         for index in range(args.requests):
             output = client.infer(x)
             diff = float((output - reference).abs().max())

@@ -113,13 +113,15 @@ class Client:
                  input_shape: tuple[int, ...] | None = None, plan: Plan | None = None,
                  weights: str | None = None, links=None, tiers=None, edge_weights=(1.0,),
                  slowdown: float = 1.0, shapers: dict | None = None, repartition: bool = True,
-                 timeout_s: float = 120.0, store: ModelStore | None = None):
+                 timeout_s: float = 120.0, store: ModelStore | None = None, security=None):
         self.model = model
         self.edge_address = edge
         self.cloud_url = cloud.rstrip("/") if cloud else None
         self.slowdown = slowdown
         self.shapers = shapers or {}
         self.timeout_s = timeout_s
+        self.attempt_timeout_s = timeout_s  # budget one try gets (a failover client keeps time for a retry)
+        self.security = security  # tiers.security.NodeSecurity: CURVE to the edge, token/TLS to the cloud
         self.store = store or ModelStore(weights={model: weights} if weights else None)
         self._fixed_plan = plan
         self._links0, self._tiers, self._edge_weights = links, tiers, edge_weights
@@ -142,7 +144,9 @@ class Client:
     async def _open(self) -> None:
         import aiohttp
 
-        self._session = aiohttp.ClientSession()
+        from tiers.security import session_kwargs
+
+        self._session = aiohttp.ClientSession(**session_kwargs(self.security))
         self._context = zmq.asyncio.Context()
         self._pending: dict[str, asyncio.Future] = {}
         self._dealer = None
@@ -150,6 +154,8 @@ class Client:
             self._dealer = self._context.socket(zmq.DEALER)
             transport.configure_zmq_socket(self._dealer)
             self._dealer.setsockopt(zmq.IDENTITY, self._name.encode())
+            if self.security is not None:  # CURVE client of the edge node (before connect)
+                self.security.secure_client(self._dealer, self.security.edge_name)
             self._dealer.connect(self.edge_address)
             self._reader = asyncio.create_task(self._read_replies())
 
@@ -259,9 +265,14 @@ class Client:
         await self._loop.run_in_executor(None, self._replan)
         return segmented.assemble_output(values)
 
+    def _budget_s(self) -> float:
+        """Time this request may still take (a failover client narrows it per try)."""
+        return self.attempt_timeout_s
+
     def _request(self, tier: str, entry: PlanEntry, plan: Plan, tensors: dict, resend_plan: bool) -> Message:
         plan_id = wire.plan_digest(entry.plan_json)
         meta: dict[str, Any] = {"link": "device_cloud"} if tier == "cloud" else {}
+        meta["deadline_ms"] = self._budget_s() * 1e3  # the tiers give up (with an error) when it is spent
         if resend_plan or (tier, plan_id) not in self._sent_plans:
             meta["plan"] = entry.plan_json
         digest = self.store.digest(plan.model, tuple(plan.input_shape))
@@ -305,14 +316,16 @@ class Client:
         timing.edge_nodes = int(reply.meta.get("edge_nodes", 0))
         timing.links_s["device_edge"] = max(elapsed - server_s, 0.0)
         timing.bytes["device_edge"] = up_bytes + reply.tensor_bytes
-        self.links.observe("device_edge", timing.bytes["device_edge"], timing.links_s["device_edge"])
+        self._observe("device_edge", timing.bytes["device_edge"], timing.links_s["device_edge"])
         if "edge_cloud_s" in reply.meta:
             timing.links_s["edge_cloud"] = float(reply.meta["edge_cloud_s"])
             timing.bytes["edge_cloud"] = int(reply.meta.get("edge_cloud_bytes", 0))
-            self.links.observe("edge_cloud", timing.bytes["edge_cloud"], timing.links_s["edge_cloud"])
+            self._observe("edge_cloud", timing.bytes["edge_cloud"], timing.links_s["edge_cloud"])
         return reply
 
     async def _send_cloud(self, entry: PlanEntry, plan: Plan, tensors: dict, timing: RequestTiming) -> Message:
+        import aiohttp
+
         if not self.cloud_url:
             raise TierError("this plan sends to the cloud but the client has no cloud URL", "no_cloud")
 
@@ -321,8 +334,9 @@ class Client:
             try:
                 reply = await transport.post_message(self._session, self.cloud_url + "/v1/infer", request,
                                                      self.shapers.get("device_cloud"), self.timeout_s)
-            except (OSError, asyncio.TimeoutError) as exc:
-                raise TierError(f"cloud {self.cloud_url} is unreachable: {exc}", "unreachable") from None
+            except (OSError, asyncio.TimeoutError, aiohttp.ClientError) as exc:  # refused, reset, timed out
+                raise TierError(f"cloud {self.cloud_url} is unreachable: {exc or type(exc).__name__}",
+                                "unreachable") from None
             return reply, time.perf_counter() - start
 
         reply, elapsed, request = await self._with_plan_retry("cloud", entry, plan, tensors, send)
@@ -330,8 +344,14 @@ class Client:
         server_s = float(reply.meta.get("server_s", timing.cloud_s))
         timing.links_s["device_cloud"] = max(elapsed - server_s, 0.0)
         timing.bytes["device_cloud"] = request.tensor_bytes + reply.tensor_bytes
-        self.links.observe("device_cloud", timing.bytes["device_cloud"], timing.links_s["device_cloud"])
+        self._observe("device_cloud", timing.bytes["device_cloud"], timing.links_s["device_cloud"])
         return reply
+
+    def _observe(self, link: str, nbytes: int, seconds: float) -> None:
+        """A transfer's bandwidth sample: its link time less the link's known round trip (the planner
+        prices the RTT separately, so leaving it in would count it twice)."""
+        rtt_s = float(getattr(self._links0, f"{link}_rtt_s", 0.0) or 0.0)
+        self.links.observe(link, nbytes, seconds - rtt_s if seconds > 2 * rtt_s else seconds / 2)
 
     # ----------------------------------------------------------------------------------- probes
     def probe(self, nbytes: int = 256 * 1024) -> dict[str, float]:
@@ -347,6 +367,6 @@ class Client:
             start = time.perf_counter()
             await transport.send_zmq(self._dealer, request, shaper=self.shapers.get("device_edge"))
             await asyncio.wait_for(future, self.timeout_s)
-            self.links.observe("device_edge", nbytes, time.perf_counter() - start)
+            self._observe("device_edge", nbytes, time.perf_counter() - start)
         await self._loop.run_in_executor(None, self._replan)
         return dict(self.links.bps)

@@ -22,7 +22,7 @@ import torch
 import zmq
 import zmq.asyncio
 
-from tiers import transport, wire
+from tiers import guard, transport, wire
 from tiers.runtime import Metrics, ModelStore, PlanEntry, RequestError, check_inputs, timed_run
 from tiers.wire import Message, WireError
 
@@ -44,6 +44,7 @@ class EdgeConfig:
     tiling: bool = True
     max_message_bytes: int = 256 << 20
     shapers: dict = field(default_factory=dict)  # device_edge (replies), edge_cloud, edge_edge
+    security: object = None  # tiers.security.NodeSecurity (CURVE keys, cloud token, TLS); None = open
 
     @property
     def announced_speed(self) -> float:
@@ -69,15 +70,25 @@ class EdgeDaemon:
         self._cloud_plans: set[str] = set()  # plan ids the cloud has been sent
         self._tasks: list[asyncio.Task] = []
         self.tiles_rerun = 0
+        self.replays = guard.ReplayGuard()
+        self.auth = None  # the ZAP authenticator when CURVE is on
+        self.refusals: dict[str, int] = {}  # handshake failures seen by the socket monitor
 
     # ------------------------------------------------------------------------------------- lifecycle
     async def run(self, ready=None) -> None:
         import aiohttp
 
         self.loop = asyncio.get_running_loop()
+        from tiers import security as sec
+
         self.context = zmq.asyncio.Context()
+        security = self.config.security
+        if security is not None and security.curve is not None:
+            self.auth = sec.start_authenticator(self.context, security.keys_dir, f"edge {self.config.name}")
         self.router = self.context.socket(zmq.ROUTER)
         transport.configure_zmq_socket(self.router)
+        if security is not None:
+            security.secure_server(self.router)  # before bind: only allow-listed CURVE peers get through
         self.router.bind(self.config.bind)
         self.dealers = {}
         for name, peer in self.peers.items():
@@ -85,11 +96,16 @@ class EdgeDaemon:
             transport.configure_zmq_socket(dealer)
             dealer.setsockopt(zmq.IDENTITY, self.config.name.encode())
             dealer.setsockopt(zmq.IMMEDIATE, 1)  # never queue tiles for a peer that is not connected
+            if security is not None:
+                security.secure_client(dealer, name)
             dealer.connect(peer.address)
             self.dealers[name] = dealer
-        self.session = aiohttp.ClientSession()
+        self.session = aiohttp.ClientSession(**sec.session_kwargs(security))
         try:
             self._tasks = [asyncio.create_task(self._router_loop()), asyncio.create_task(self._heartbeat_loop())]
+            if self.auth is not None:
+                self._tasks.append(asyncio.create_task(
+                    sec.log_handshake_failures(self.router, f"edge {self.config.name}", self.refusals)))
             self._tasks += [asyncio.create_task(self._dealer_loop(d)) for d in self.dealers.values()]
             if ready is not None:
                 ready()
@@ -98,6 +114,8 @@ class EdgeDaemon:
             for task in self._tasks:
                 task.cancel()
             await self.session.close()
+            if self.auth is not None:
+                self.auth.stop()
             self.context.destroy(linger=0)
             self.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -185,19 +203,26 @@ class EdgeDaemon:
             log.warning("could not answer %s: %s", request_id, exc)
 
     def status(self) -> dict:
+        refused = {**self.refusals, "zap": self.auth.refused if self.auth else 0, "replayed": self.replays.refused}
         return {"name": self.config.name, "alive": [name for name, _ in self.alive_nodes()],
-                "speed": self.config.announced_speed, "tiles_rerun": self.tiles_rerun,
+                "speed": self.config.announced_speed, "tiles_rerun": self.tiles_rerun, "refused": refused,
                 "metrics": self.metrics.snapshot()}
 
     # ------------------------------------------------------------------------------------- requests
     async def _resolve(self, message: Message) -> PlanEntry:
+        if self.store.has_plan(message.plan_id):  # cached: a few dict lookups, not worth a thread hop per tile
+            return self.store.resolve(message)
         return await self.loop.run_in_executor(self.executor, self.store.resolve, message)
 
     async def _infer(self, message: Message) -> Message:
         start = time.perf_counter()
+        deadline = guard.deadline_from(message.meta)
         entry = await self._resolve(message)
+        self.replays.check(message.request_id)  # after resolve: a resend for unknown_plan is no replay
         edge, cloud = entry.segmented.edge, entry.segmented.cloud
         check_inputs(message.tensors, edge.input_names, entry.graph, "the edge segment")
+        guard.check_dtypes(message.tensors, edge.input_names, entry.graph, "the edge segment")
+        guard.check_deadline(deadline, "before the edge started computing")
         # the plan says over how many nodes to spread the edge segment (1 = untiled, e.g. a baseline)
         nodes = self.alive_nodes()[:max(1, len(entry.plan.edge_weights))]
         edge_outputs, edge_s = await self._run_edge(entry, message.tensors, nodes)
@@ -210,7 +235,9 @@ class EdgeDaemon:
             if missing:
                 raise RequestError(f"the cloud segment needs {missing}, which neither the device sent nor "
                                    f"the edge computed")
-            cloud_reply, link_s = await self._post_cloud(entry, message, {n: values[n] for n in cloud.input_names})
+            guard.check_deadline(deadline, "before the edge forwarded to the cloud")
+            cloud_reply, link_s = await self._post_cloud(entry, message, {n: values[n] for n in cloud.input_names},
+                                                         deadline)
             outputs.update(cloud_reply.tensors)
             meta.update(cloud_s=cloud_reply.meta.get("cloud_s", 0.0), edge_cloud_s=link_s,
                         edge_cloud_bytes=sum(t.numel() * t.element_size() for n, t in values.items()
@@ -219,13 +246,16 @@ class EdgeDaemon:
         return Message(kind="result", request_id=message.request_id, model=message.model,
                        plan_version=message.plan_version, plan_id=message.plan_id, meta=meta, tensors=outputs)
 
-    async def _post_cloud(self, entry: PlanEntry, message: Message, tensors: dict) -> tuple[Message, float]:
+    async def _post_cloud(self, entry: PlanEntry, message: Message, tensors: dict,
+                          deadline: float | None = None) -> tuple[Message, float]:
         """Forward to the cloud (with the plan JSON the first time); returns (reply, link seconds)."""
+        import aiohttp
+
         if not self.config.cloud_url:
             raise RequestError("this plan has a cloud segment but the edge node has no cloud URL", "no_cloud")
         url = self.config.cloud_url.rstrip("/") + "/v1/infer"
         for attempt in range(2):
-            meta = {"link": "edge_cloud"}
+            meta = guard.with_budget({"link": "edge_cloud"}, deadline)
             if message.plan_id not in self._cloud_plans or attempt:
                 meta["plan"] = entry.plan_json
             request = Message(kind="infer", request_id=message.request_id, model=message.model,
@@ -233,9 +263,11 @@ class EdgeDaemon:
                               model_digest=message.model_digest, meta=meta, tensors=tensors)
             start = time.perf_counter()
             try:
-                reply = await transport.post_message(self.session, url, request, self.config.shapers.get("edge_cloud"))
-            except OSError as exc:
-                raise RequestError(f"cloud endpoint {url} is unreachable: {exc}", "cloud_unreachable") from None
+                reply = await transport.post_message(self.session, url, request, self.config.shapers.get("edge_cloud"),
+                                                     max(guard.remaining_s(deadline, 120.0), 0.001))
+            except (OSError, aiohttp.ClientError) as exc:  # refused, reset, disconnected, timed out
+                raise RequestError(f"cloud endpoint {url} is unreachable: {exc or type(exc).__name__}",
+                                   "cloud_unreachable") from None
             elapsed = time.perf_counter() - start
             if reply.kind == "error" and reply.meta.get("code") == "unknown_plan" and not attempt:
                 self._cloud_plans.discard(message.plan_id)
@@ -288,6 +320,9 @@ class EdgeDaemon:
         def runner(stage_index, tile, slices):
             node = node_names[tile.node % len(node_names)]
             if node == self.config.name:
+                return run_here(stage_index, tile, slices)
+            if not self.peers[node].last_seen:  # dropped during this request: do not wait on it again
+                self.tiles_rerun += 1
                 return run_here(stage_index, tile, slices)
             future = asyncio.run_coroutine_threadsafe(
                 self._remote_tile(node, entry, tiling_plan, stage_index, tile, slices), self.loop)

@@ -152,17 +152,35 @@ class Metrics:
                 "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "count": len(values)}}
 
 
-def emulate_slowdown(elapsed_s: float, slowdown: float) -> None:
-    """Make this tier ``slowdown`` times slower than the machine: sleep (k-1) x the measured compute time.
-    Sleeping (not spinning) keeps the CPU free, so emulated nodes on one machine still run in parallel."""
+_nested = threading.local()  # (CPU s, wall s) of nested timed_run calls on this thread, already slowed down
+
+
+def emulate_slowdown(cpu_s: float, slowdown: float, wall_s: float = 0.0) -> None:
+    """Make this tier ``slowdown`` times slower than the machine: stretch a call that used ``cpu_s`` of
+    CPU (``wall_s`` of wall time so far) to ``slowdown`` x ``cpu_s``. Sleeping (not spinning) keeps the CPU
+    free, so emulated nodes on one machine still run in parallel."""
     if slowdown > 1.0:
-        time.sleep((slowdown - 1.0) * elapsed_s)
+        time.sleep(max(0.0, slowdown * cpu_s - wall_s))
 
 
 def timed_run(function, slowdown: float = 1.0) -> tuple[Any, float]:
-    """Run ``function()`` under no_grad, then the emulated slowdown; returns (result, seconds in all)."""
-    start = time.perf_counter()
-    with torch.no_grad():
-        result = function()
-    emulate_slowdown(time.perf_counter() - start, slowdown)
-    return result, time.perf_counter() - start
+    """Run ``function()`` under no_grad, then the emulated slowdown; returns (result, seconds in all).
+
+    The slowdown applies to the *thread CPU time* of the call, not its wall time: on a shared machine
+    (several emulated tiers and other work on a few cores) the wall time includes waiting for a core, and
+    multiplying that would make a node's speed depend on its neighbours' load. Each tier runs torch at
+    one thread, so the calling thread's CPU time is its compute. Work that a nested ``timed_run`` on the
+    same thread already slowed down (a local tile inside the tiled edge segment) is not slowed twice."""
+    start, cpu_start = time.perf_counter(), time.thread_time()
+    outer = getattr(_nested, "totals", (0.0, 0.0))
+    _nested.totals = (0.0, 0.0)
+    try:
+        with torch.no_grad():
+            result = function()
+        nested_cpu, nested_wall = _nested.totals
+        own_cpu = max(0.0, time.thread_time() - cpu_start - nested_cpu)
+        emulate_slowdown(own_cpu, slowdown, time.perf_counter() - start - nested_wall)
+    finally:
+        elapsed = time.perf_counter() - start
+        _nested.totals = (outer[0] + time.thread_time() - cpu_start, outer[1] + elapsed)
+    return result, elapsed

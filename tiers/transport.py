@@ -23,6 +23,13 @@ class AsyncShaper(Protocol):
     async def consume_async(self, nbytes: int) -> None: ...
 
 
+async def pace(shaper: AsyncShaper, nbytes: int) -> None:
+    """Wait until the link lets ``nbytes`` through, then its one-way propagation delay where the shaper
+    models one (``transmit_async``; a bare token bucket only paces)."""
+    transmit = getattr(shaper, "transmit_async", None)
+    await (transmit(nbytes) if transmit is not None else shaper.consume_async(nbytes))
+
+
 def configure_zmq_socket(socket: zmq.Socket) -> None:
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.SNDBUF, wire.SOCKET_BUFFER_BYTES)
@@ -35,10 +42,10 @@ def configure_zmq_socket(socket: zmq.Socket) -> None:
 async def send_zmq(socket: zmq.asyncio.Socket, message: Message, identity: bytes | None = None,
                    shaper: AsyncShaper | None = None) -> int:
     """Send one message (after the link's token bucket lets its bytes through); returns the byte count."""
-    frames = wire.encode_frames(message)
+    frames = wire.encode_frames(message, wire.TENSOR_FRAME_BYTES)  # one frame per tensor: no receive copy
     nbytes = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
     if shaper is not None:
-        await shaper.consume_async(nbytes)
+        await pace(shaper, nbytes)
     prefix = [identity] if identity is not None else []
     await socket.send_multipart(prefix + frames, copy=False)
     return nbytes
@@ -76,7 +83,7 @@ def make_payload(message: Message, shaper: AsyncShaper | None = None):
 
         async def write(self, writer) -> None:
             if shaper is not None:
-                await shaper.consume_async(self._size)
+                await pace(shaper, self._size)
             for part in self._value:
                 for start in range(0, len(part), 16 * STREAM_CHUNK_BYTES):
                     await writer.write(part[start:start + 16 * STREAM_CHUNK_BYTES])

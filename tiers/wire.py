@@ -4,9 +4,10 @@ A message is a small JSON header (what the request is: kind, request id, model, 
 timings, errors) that also describes each tensor (name, dtype, shape, byte length), followed by the raw
 bytes of the tensors in header order. Two framings of the same message:
 
-* ZeroMQ multipart: ``[header, chunk, chunk, ...]``: every tensor is cut into ~1 MiB frames that are
-  memoryviews of the tensor itself (``copy=False``: no copy on send); the receiver copies the frames once
-  into a fresh, writable tensor (received frames are read-only).
+* ZeroMQ multipart: ``[header, frame, frame, ...]``: each tensor is cut into frames of ``chunk_bytes``
+  (``transport.send_zmq``: TENSOR_FRAME_BYTES, so a tensor is one frame up to 256 MiB), memoryviews of the
+  tensor itself (``copy=False``: no copy on send); the receiver builds a one-frame tensor on the frame's
+  memory (no copy) and copies the frames of a cut tensor once into a fresh tensor.
 * one HTTP body: ``MAGIC | u32 header length | header | tensor bytes ...``.
 
 Every field is validated before anything is allocated: a frame that is oversized, truncated or that
@@ -29,7 +30,11 @@ import torch
 
 MAGIC = b"D3W1"
 PROTOCOL = 1
-CHUNK_BYTES = 1 << 20  # ZeroMQ frame size: big enough to amortise per-frame cost, small enough to pipeline
+CHUNK_BYTES = 1 << 20  # encode_frames' default frame size (small frames suit tests and tiny links)
+# What transport.send_zmq uses: a tensor up to this size travels as one frame, which the receiver uses in
+# place (no copy: libzmq already read it into memory of its own); larger ones are cut and copied together.
+# libzmq streams a large frame to the socket as it goes, so one big frame pipelines as well as many.
+TENSOR_FRAME_BYTES = 256 << 20
 MAX_HEADER_BYTES = 1 << 20  # a plan JSON for a 1000-node model is ~50 KB
 MAX_MESSAGE_BYTES = 1 << 30  # default cap on the tensor bytes of one message (1 GiB)
 MAX_TENSORS = 4096
@@ -192,6 +197,8 @@ def _parse_tensor_info(entry: Any) -> TensorInfo:
     if (not isinstance(shape, list) or len(shape) > MAX_DIMS
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)):
         raise WireError(f"tensor {name!r}: shape must be a list of at most {MAX_DIMS} non-negative ints")
+    if math.prod(max(d, 1) for d in shape) >= 1 << 48:  # an empty tensor's other dims would overflow
+        raise WireError(f"tensor {name!r}: shape {shape} is too large")  # torch's stride arithmetic
     itemsize = torch.empty((), dtype=_DTYPES[dtype]).element_size()
     expected = math.prod(shape) * itemsize
     if not isinstance(nbytes, int) or nbytes != expected:
@@ -228,6 +235,14 @@ def decode_frames(frames: Sequence[Any], max_message_bytes: int = MAX_MESSAGE_BY
     tensors: dict[str, torch.Tensor] = {}
     frame_index, offset = 0, 0  # position inside the payload frames
     for info in infos:
+        if offset == 0 and info.nbytes and frame_index < len(payload) and payload[frame_index].nbytes == info.nbytes:
+            # the tensor is exactly one frame: use the frame's memory (no copy; the tensor keeps the
+            # frame alive). The frame is ours alone once received, so writing to it harms no one.
+            view = payload[frame_index]
+            tensors[info.name] = torch.frombuffer(view, dtype=torch.uint8).view(_DTYPES[info.dtype]).reshape(
+                info.shape)
+            frame_index += 1
+            continue
         tensor = _empty_tensor(info)
         target = _byte_view(tensor)
         filled = 0
