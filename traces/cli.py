@@ -28,6 +28,15 @@ def add_commands(subparsers) -> None:
                              "buckets with a probe sender in this process; auto: tc when possible")
     replay.add_argument("--prefix", default=os.environ.get("D3_TESTBED_PREFIX", "d3tb-"), help="testbed prefix")
     replay.add_argument("--log", default=None, metavar="FILE", help="also write one JSON line per step here")
+    replay.add_argument("--no-observe", action="store_true",
+                        help="do not ask the tiers what they measured (default: ask the testbed's daemons, "
+                             "or those of --cluster, every step)")
+    replay.add_argument("--cluster", default=None, metavar="FILE",
+                        help="cluster file whose cloud /metrics and edge status to log (default on the "
+                             "testbed: its own cluster file, polled from inside the device namespace)")
+    replay.add_argument("--device-log", default=None, metavar="FILE",
+                        help="JSON lines with a device's link estimates ('estimate_bps'), e.g. written by "
+                             "bench/e2e.py (default on the testbed: RUN_DIR/device-links.jsonl)")
     replay.add_argument("--quiet", action="store_true", help="no line per step")
     replay.set_defaults(handler=run_replay)
 
@@ -80,7 +89,41 @@ def _format_step(record) -> str:
         measured = record.measured_bps.get(link)
         seen = "" if measured is None else f" (carried {measured / 1e6:7.2f})"
         parts.append(f"{link} {bps / 1e6:8.2f} Mbit/s{seen}")
-    return f"t={record.t_s:7.1f}s  " + "   ".join(parts)
+    return f"t={record.t_s:7.1f}s  " + "   ".join(parts) + _format_observed(record.observed)
+
+
+def _format_observed(observed: dict) -> str:
+    """'  | tiers rx: edge1 4.1 cloud 0.0 Mbit/s | device est: device_edge 4.5 ...' (empty if nothing)"""
+    parts = []
+    tiers = {t: m for t, m in (observed.get("tiers") or {}).items() if m and "rx_bps" in m}
+    if tiers:
+        parts.append("tiers rx: " + " ".join(f"{t} {m['rx_bps'] / 1e6:.2f}" for t, m in tiers.items()) + " Mbit/s")
+    down = [t for t, m in (observed.get("tiers") or {}).items() if m is None]
+    if down:
+        parts.append("no answer: " + ",".join(down))
+    estimate = observed.get("device_estimate_bps")
+    if estimate:
+        parts.append("device est: " + " ".join(f"{k} {v / 1e6:.2f}" for k, v in estimate.items()) + " Mbit/s")
+    return "".join(f"  | {part}" for part in parts)
+
+
+def make_observer(args: argparse.Namespace, mode: str):
+    """What `d3 replay` asks the tiers each step; None if nothing to ask."""
+    from traces.replay import TierObserver
+
+    if args.no_observe:
+        return None
+    if mode == "tc":
+        from deploy.testbed import load_state
+
+        state = load_state(args.prefix) or {}
+        device_log = args.device_log or os.path.join(state.get("run_dir", "/nonexistent"), "device-links.jsonl")
+        daemons = bool(state.get("daemons"))
+        return TierObserver(args.cluster or (state.get("cluster_config") if daemons else None), device_log,
+                            netns=args.prefix + "device")
+    if args.cluster or args.device_log:
+        return TierObserver(args.cluster, args.device_log)
+    return None
 
 
 def run_replay(args: argparse.Namespace) -> int:
@@ -96,6 +139,7 @@ def run_replay(args: argparse.Namespace) -> int:
           + ("" if mode == "tc" else " (in-process token buckets + probe senders; no root or no testbed)"),
           flush=True)
     log = open(args.log, "w") if args.log else None
+    observer = make_observer(args, mode)
 
     def on_step(record) -> None:
         if not args.quiet:
@@ -105,9 +149,11 @@ def run_replay(args: argparse.Namespace) -> int:
             log.flush()
 
     try:
-        records = replay(traces, applier, step_s, args.speed, duration, on_step)
+        records = replay(traces, applier, step_s, args.speed, duration, on_step, observe=observer)
     finally:
         applier.close()
+        if observer is not None:
+            observer.close()
         if log:
             log.close()
     print(f"done: {len(records)} steps")

@@ -11,6 +11,9 @@ the coming step. Where the rate goes is an ``applier``:
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,17 +38,23 @@ class StepRecord:
     wall_s: float          # wall time since the replay started
     set_bps: dict[str, float]
     measured_bps: dict[str, float | None]
+    observed: dict = field(default_factory=dict)  # what the tiers measured (see TierObserver), if asked
 
     def to_dict(self) -> dict:
-        return {"step": self.step, "t_s": round(self.t_s, 6), "wall_s": round(self.wall_s, 6),
-                "set_bps": self.set_bps, "measured_bps": self.measured_bps}
+        out = {"step": self.step, "t_s": round(self.t_s, 6), "wall_s": round(self.wall_s, 6),
+               "set_bps": self.set_bps, "measured_bps": self.measured_bps}
+        if self.observed:
+            out["observed"] = self.observed
+        return out
 
 
 def replay(traces: dict[str, BandwidthTrace], applier: Applier, step_s: float = 1.0, speed: float = 1.0,
            duration_s: float | None = None, on_step: Callable[[StepRecord], None] | None = None,
-           stop: threading.Event | None = None, clock=time.monotonic) -> list[StepRecord]:
+           stop: threading.Event | None = None, clock=time.monotonic,
+           observe: Callable[[], dict] | None = None) -> list[StepRecord]:
     """Apply each link's trace every step until ``duration_s`` of trace time (default: the longest trace).
-    ``measured_bps`` in a record is what the link carried during the previous step."""
+    ``measured_bps`` in a record is what the link carried during the previous step; ``observe()`` (e.g. a
+    TierObserver) adds what the tiers themselves measured over it."""
     if not traces:
         raise ValueError("no links to replay")
     if not step_s > 0 or not speed > 0:
@@ -60,9 +69,10 @@ def replay(traces: dict[str, BandwidthTrace], applier: Applier, step_s: float = 
         t_s = step * step_s
         set_bps = {link: float(trace.bps_at(trace.start_s + t_s)) for link, trace in binned.items()}
         measured = {link: applier.measured_bps(link) for link in binned}
+        observed = observe() if observe is not None else {}
         for link, bps in set_bps.items():
             applier.apply(link, bps)
-        record = StepRecord(step, t_s, clock() - start, set_bps, measured)
+        record = StepRecord(step, t_s, clock() - start, set_bps, measured, observed)
         records.append(record)
         if on_step:
             on_step(record)
@@ -143,3 +153,129 @@ class InProcessApplier:
             bucket.set_rate(1e12)  # release a probe blocked on a slow rate
         for thread in self._threads:
             thread.join(timeout=2)
+
+
+# --- what the tiers measured -------------------------------------------------------------------------
+def poll_tiers(cloud_url: str | None, edge_addresses: dict[str, str], timeout_s: float = 1.0) -> dict:
+    """Each tier's own counters: the cloud's GET /metrics, each edge node's ZeroMQ ``status``
+    (tiers.runtime.Metrics snapshots). A tier that does not answer maps to None."""
+    import urllib.request
+
+    from tiers.demo import edge_status
+
+    tiers: dict[str, dict | None] = {}
+    if cloud_url:
+        try:
+            with urllib.request.urlopen(cloud_url.rstrip("/") + "/metrics", timeout=timeout_s) as answer:
+                tiers["cloud"] = json.loads(answer.read())
+        except (OSError, ValueError):
+            tiers["cloud"] = None
+    for name, address in edge_addresses.items():
+        status = edge_status(address, timeout_s=timeout_s)
+        tiers[name] = status.get("metrics") if status else None
+    return tiers
+
+
+def _monitor_main(argv: list[str]) -> None:
+    """``python -m traces.replay monitor CLUSTER``: one JSON line of poll_tiers() per line read on stdin.
+    The testbed runs this inside its device namespace, the only place that reaches every tier."""
+    from deploy.cluster import load_cluster
+
+    cluster = load_cluster(argv[0])
+    edges = {spec.name: spec.address for spec in cluster.edges}
+    for _ in sys.stdin:
+        print(json.dumps(poll_tiers(cluster.cloud_url, edges)), flush=True)
+
+
+class TierObserver:
+    """Called once per replay step: what the tiers measured since the previous step.
+
+    * ``tiers``: per tier, the bytes it received and sent per second (its Metrics counters; that is the
+      traffic the links carried to and from it as the tier saw it), requests served and their p50 latency;
+    * ``device``: the last link estimates a device client wrote to ``device_log`` (one JSON line per
+      request with ``estimate_bps``; bench/e2e.py writes them), i.e. the bandwidth the device measured.
+
+    With ``netns`` the tiers are polled by a helper process inside that namespace (the testbed's
+    addresses are only reachable from inside it)."""
+
+    def __init__(self, cluster_path: str | None = None, device_log: str | None = None, netns: str | None = None):
+        self.cluster_path, self.device_log, self.netns = cluster_path, device_log, netns
+        self._helper = None
+        self._last: tuple[float, dict] | None = None
+        if cluster_path and netns:
+            from deploy.netns import in_ns
+
+            command = in_ns(netns, [sys.executable, "-m", "traces.replay", "monitor", cluster_path])
+            self._helper = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=subprocess.DEVNULL, text=True)
+        elif cluster_path:
+            from deploy.cluster import load_cluster
+
+            cluster = load_cluster(cluster_path)
+            self._cloud, self._edges = cluster.cloud_url, {e.name: e.address for e in cluster.edges}
+
+    def _poll(self) -> dict:
+        if self._helper is not None:
+            self._helper.stdin.write("poll\n")
+            self._helper.stdin.flush()
+            line = self._helper.stdout.readline()
+            return json.loads(line) if line else {}
+        if self.cluster_path:
+            return poll_tiers(self._cloud, self._edges)
+        return {}
+
+    def _device_estimate(self) -> dict | None:
+        if not self.device_log:
+            return None
+        try:
+            with open(self.device_log, "rb") as log:
+                log.seek(0, 2)
+                log.seek(max(0, log.tell() - 4096))
+                lines = log.read().decode(errors="replace").splitlines()
+        except OSError:
+            return None
+        for line in reversed(lines):
+            try:
+                return json.loads(line).get("estimate_bps")
+            except ValueError:
+                continue
+        return None
+
+    def __call__(self) -> dict:
+        now, snapshot = time.monotonic(), self._poll()
+        observed: dict = {}
+        if snapshot:
+            previous = self._last
+            self._last = (now, snapshot)
+            tiers = {}
+            for tier, metrics in snapshot.items():
+                if metrics is None:
+                    tiers[tier] = None
+                    continue
+                entry = {"requests": metrics.get("requests_total", 0),
+                         "p50_ms": (metrics.get("latency_ms") or {}).get("p50")}
+                before = previous[1].get(tier) if previous else None
+                if before:
+                    seconds = max(now - previous[0], 1e-9)
+                    entry["rx_bps"] = (metrics.get("bytes_in", 0) - before.get("bytes_in", 0)) * 8 / seconds
+                    entry["tx_bps"] = (metrics.get("bytes_out", 0) - before.get("bytes_out", 0)) * 8 / seconds
+                tiers[tier] = entry
+            observed["tiers"] = tiers
+        estimate = self._device_estimate()
+        if estimate:
+            observed["device_estimate_bps"] = estimate
+        return observed
+
+    def close(self) -> None:
+        if self._helper is not None:
+            self._helper.stdin.close()
+            try:
+                self._helper.wait(5)
+            except subprocess.TimeoutExpired:
+                self._helper.kill()
+                self._helper.wait()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "monitor":
+        _monitor_main(sys.argv[2:])

@@ -1,0 +1,581 @@
+"""End-to-end benchmark on the namespace testbed: D3 against the baselines under real bandwidth traces.
+
+    sudo .venv/bin/python bench/e2e.py [--models resnet18,...] [--requests N] [--quick]
+
+For every model, scenario (an LTE and a 3G Mahimahi uplink trace from ../shared/traces/mahimahi) and
+strategy, a device client inside the testbed's device namespace (and, once set up, inside its 0.2-CPU
+cgroup) sends a stream of requests across the htb-shaped veth links to the edge daemons (3 nodes, 0.5 CPU
+each) and the cloud daemon (1 CPU), while this process plays the scenario's traces onto the links with
+`tc class change` (traces.replay.TcApplier), restarted at the same trace time for every strategy.
+
+Links: the scenario's uplink trace drives the device's radio, i.e. both device-edge and device-cloud (the
+radio is the bottleneck of either path); edge-cloud follows the shipped ``backbone`` trace (wired).
+Strategies: d3 (incremental re-partitioning from the bandwidth the device measures, edge tiled over the
+3 nodes), d3_fixed (the D3 plan made at the start and never changed), neurosurgeon, dads, device_only,
+cloud_only (from partitioner.baselines on the same cost model). Every output is checked against the
+local model.
+
+Prints a table of median and p95 latency per model, scenario and strategy with ratios to D3 and the
+re-partition count; writes bench/out/e2e.json and bench/out/e2e.png (latency and link bandwidth over
+time per strategy). The device side runs as `python bench/e2e.py worker ...` (a JSON-lines protocol).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `python bench/e2e.py` from anywhere
+    sys.path.insert(0, str(REPO_ROOT))
+
+TRACE_DIR = REPO_ROOT.parent / "shared" / "traces" / "mahimahi"
+MODELS = ("resnet18", "resnet50", "vgg16", "googlenet", "mobilenet_v2")
+STRATEGIES = ("d3", "d3_fixed", "neurosurgeon", "dads", "device_only", "cloud_only")
+# scenario -> the device's uplink trace (device-edge and device-cloud); edge-cloud follows EDGE_CLOUD_TRACE
+SCENARIOS = {"lte": "TMobile-LTE-short.up", "3g": "TMobile-UMTS-driving.up"}
+EDGE_CLOUD_TRACE = "backbone"
+PREFIX = "d3tbb-"
+# CPU quotas: a device ~10x slower than the cloud (a phone CPU next to a server core), edge nodes 2x slower
+DEVICE_CPU, EDGE_CPU, CLOUD_CPU, EDGE_NODES = 0.1, 0.5, 1.0, 3
+MIN_MBPS = 0.1  # an outage of exactly 0 stalls TCP for good; Mahimahi traces have such seconds
+TAG = "@@"  # protocol lines from the worker start with this; anything else is its log
+
+
+# ----------------------------------------------------------------------------------------- traces
+def scenario_traces(scenario: str, trace_dir: Path = TRACE_DIR) -> dict:
+    """testbed link name -> BandwidthTrace for a scenario (an uplink trace name or a path)."""
+    from traces.formats import resolve_trace
+
+    spec = SCENARIOS.get(scenario, scenario)
+    path = Path(spec) if Path(spec).is_file() else trace_dir / spec
+    if not path.is_file():
+        raise FileNotFoundError(f"scenario {scenario!r}: trace {path} not found (see ../shared/traces/README.md)")
+    uplink = resolve_trace(str(path)).clipped(MIN_MBPS, None)
+    return {"device-edge": uplink, "device-cloud": uplink, "edge-cloud": resolve_trace(EDGE_CLOUD_TRACE)}
+
+
+def window_mean_mbps(trace, duration_s: float) -> float:
+    """Mean rate over the first ``duration_s`` seconds of trace time (what the run will play)."""
+    return trace.bits_between(trace.start_s, trace.start_s + duration_s) / duration_s / 1e6
+
+
+# ----------------------------------------------------------------------------------------- worker
+def _emit(**fields) -> None:
+    print(TAG, json.dumps(fields), flush=True)
+
+
+@dataclass
+class WorkerState:
+    model: str
+    graph: object
+    x: object
+    reference: object
+    tiers: object
+    cluster: object
+    device_log: Path | None
+    cgroup: str | None
+    joined: bool = False
+
+
+def _worker_setup(args) -> WorkerState:
+    import torch
+
+    from deploy.cluster import load_cluster
+    from partitioner.graph import load_graph
+    from partitioner.zoo import example_input
+    from tiers.demo import calibrated_tiers
+
+    torch.set_num_threads(1)
+    graph = load_graph(args.model)
+    x = example_input(graph.input_shape)
+    with torch.no_grad():
+        reference = graph.module(x)
+    # the planner's tier speeds: a first guess from the CPU quotas, replaced by _prewarm's measurements
+    tiers = calibrated_tiers(graph, 1 / args.device_cpu, [1 / args.edge_cpu], 1 / args.cloud_cpu) if args.no_prewarm else None
+    return WorkerState(args.model, graph, x, reference, tiers, load_cluster(args.cluster),
+                       Path(args.device_log) if args.device_log else None, args.cgroup)
+
+
+def _make_client(state: WorkerState, strategy: str, links):
+    from tiers.cli import strategy_plan
+    from tiers.device import Client
+
+    weights = [1.0] * len(state.cluster.edges)
+    plan = None if strategy in ("d3", "d3_fixed") else strategy_plan(state.graph, strategy, links, state.tiers, weights)
+    return Client(state.model, edge=state.cluster.edges[0].address, cloud=state.cluster.cloud_url,
+                  input_shape=state.graph.input_shape, plan=plan, links=links, tiers=state.tiers,
+                  edge_weights=weights, repartition=strategy == "d3", timeout_s=180)
+
+
+def _plan_id(plan) -> str:
+    """Which split a plan is (assignment + edge node count), to tell when two strategies ran the same."""
+    import hashlib
+
+    key = json.dumps([sorted(plan.assignment.items()), plan.edge_nodes if plan.nodes_on("edge") else 0])
+    return hashlib.sha1(key.encode()).hexdigest()[:8]
+
+
+def _describe(plan) -> dict:
+    return {"id": _plan_id(plan), "version": plan.version, "strategy": plan.strategy, "edge_nodes": plan.edge_nodes,
+            "tiers": {t: len(plan.nodes_on(t)) for t in ("device", "edge", "cloud")},
+            "predicted_ms": round(plan.predicted_ms, 1)}
+
+
+def _one_request(state: WorkerState, client, t0: float) -> dict:
+    start = time.monotonic()
+    output = client.infer(state.x)
+    timing = client.timings[-1]
+    record = {"t_s": round(start - t0, 3), "latency_ms": round(timing.total_s * 1e3, 2),
+              "max_abs_diff": float((output - state.reference).abs().max()), "plan_version": timing.plan_version,
+              "device_ms": round(timing.device_s * 1e3, 1), "edge_ms": round(timing.edge_s * 1e3, 1),
+              "cloud_ms": round(timing.cloud_s * 1e3, 1), "edge_nodes": timing.edge_nodes,
+              "links_ms": {k: round(v * 1e3, 1) for k, v in timing.links_s.items()},
+              "bytes": timing.bytes, "estimate_mbps": {k: round(v / 1e6, 3) for k, v in client.links.bps.items()}}
+    if state.device_log is not None:  # what the device measured, for `d3 replay --device-log`
+        with open(state.device_log, "a") as log:
+            log.write(json.dumps({"time": time.monotonic(), "estimate_bps": client.links.bps}) + "\n")
+    return record
+
+
+def _run_strategy(state: WorkerState, command: dict) -> None:
+    from partitioner.cost import Links
+
+    links = Links.mbps(*command["links_mbps"])
+    with _make_client(state, command["strategy"], links) as client:
+        # warm-up: every tier builds this plan's segments (and the edge its tiling) once, unmeasured
+        client.infer(state.x)
+        if state.cgroup and not state.joined:
+            # `ip netns exec` hides the host's /sys/fs/cgroup: the orchestrator moves us into the device's
+            # cgroup; from then on the device is as slow as its quota
+            _emit(event="join", pid=os.getpid(), cgroup=state.cgroup)
+            sys.stdin.readline()
+            state.joined = True
+            client.infer(state.x)
+        _emit(event="warm", plan=_describe(client.plan))
+        go = json.loads(sys.stdin.readline())
+        t0, deadline = go["t0"], go["t0"] + command["max_s"]
+        repartitions0 = _repartitions(client)
+        prober = IdleProber(client) if command["strategy"] == "d3" else None
+        plans_used = []
+        for index in range(command["requests"]):
+            if index >= command["min_requests"] and time.monotonic() > deadline:
+                break
+            if prober is not None:
+                prober.maybe_probe()
+            plans_used.append(_plan_id(client.plan))
+            _emit(event="request", **_one_request(state, client, t0))
+        _emit(event="done", repartitions=_repartitions(client) - repartitions0, plan=_describe(client.plan),
+              plans_used=sorted(set(plans_used)), probes=prober.probes if prober else 0)
+
+
+def _repartitions(client) -> int:
+    repartitioner = getattr(client.planner, "repartitioner", None)
+    return repartitioner.repartitions if repartitioner is not None else 0
+
+
+def _prewarm(state: WorkerState, device_cpu: float) -> dict:
+    """Every edge node and the cloud load the model once (a deployment preloads its models): requests with
+    the whole model tiled over all edge nodes, then all on the cloud. Their measured compute times then
+    calibrate the planner: on a shared machine CPU contention, not the cgroup quota, sets the servers'
+    speed, and a planner that believes the quotas picks the wrong tier."""
+    import statistics as stats
+
+    from partitioner.cost import TierModels
+    from partitioner.plan import Plan
+    from tiers import demo
+    from tiers.device import Client
+
+    weights = [1.0] * len(state.cluster.edges)
+    measured = {}
+    for tier, edge_weights in (("edge", weights), ("cloud", [1.0])):
+        plan = Plan(state.model, tuple(state.graph.input_shape), {n: tier for n in state.graph.order},
+                    edge_weights=edge_weights, strategy=f"warmup_{tier}")
+        with Client(state.model, edge=state.cluster.edges[0].address, cloud=state.cluster.cloud_url,
+                    plan=plan, timeout_s=300) as client:
+            for _ in range(3):
+                client.infer(state.x)
+            measured[tier] = stats.median(getattr(t, f"{tier}_s") for t in client.timings[1:])
+    # this machine's per-node speed at one thread (the runtime's calibration; renamed once already)
+    machine = (getattr(demo, "machine_model", None) or getattr(demo, "machine_flop_model"))(state.graph)
+    machine_s = sum(machine.node_seconds(state.graph).values())
+    # edge: the whole model tiled over N nodes took edge_s, so one node is ~N x edge_s / machine_s slower
+    slowdowns = {"device": 1 / device_cpu, "edge": len(weights) * measured["edge"] / machine_s,
+                 "cloud": measured["cloud"] / machine_s}
+    state.tiers = TierModels(device=machine.scaled(slowdowns["device"]), edge=machine.scaled(slowdowns["edge"]),
+                             cloud=machine.scaled(slowdowns["cloud"]))
+    return {"machine_ms": round(machine_s * 1e3, 1), "edge_tiled_ms": round(measured["edge"] * 1e3, 1),
+            "cloud_ms": round(measured["cloud"] * 1e3, 1), "slowdowns": {k: round(v, 2) for k, v in slowdowns.items()}}
+
+
+class IdleProber:
+    """While the plan keeps everything on the device, no transfer measures the link, so the re-partitioner
+    could never learn that offloading pays again: between two requests, at most every ``period_s``, probe
+    the device-edge link (Client.probe feeds the estimate and re-plans). Between requests, not beside them:
+    on a 0.1-CPU device a concurrent probe and re-plan visibly slow the request they overlap."""
+
+    def __init__(self, client, period_s: float = 1.0, nbytes: int = 64 * 1024):
+        self.client, self.period_s, self.nbytes = client, period_s, nbytes
+        self.last = time.monotonic()
+        self.probes = 0
+
+    def maybe_probe(self) -> None:
+        plan = self.client.plan
+        if plan.nodes_on("edge") or plan.nodes_on("cloud") or time.monotonic() - self.last < self.period_s:
+            return  # requests measure the links themselves, or probed recently
+        self.last = time.monotonic()
+        try:
+            self.client.probe(self.nbytes)
+            self.probes += 1
+        except Exception:  # a lost probe only delays adaptation
+            pass
+
+
+def run_worker(args) -> int:
+    state = _worker_setup(args)
+    calibration = {} if args.no_prewarm else _prewarm(state, args.device_cpu)
+    _emit(event="ready", shape=list(state.graph.input_shape), calibration=calibration)
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command.get("cmd") == "quit":
+            break
+        try:
+            _run_strategy(state, command)
+        except Exception as exc:  # report and carry on with the next strategy
+            _emit(event="error", error=f"{type(exc).__name__}: {exc}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- orchestrator
+@dataclass
+class RunResult:
+    model: str
+    scenario: str
+    strategy: str
+    requests: list[dict] = field(default_factory=list)
+    bandwidth: list[dict] = field(default_factory=list)  # replay steps: wall_s, set_bps
+    repartitions: int = 0
+    plan: dict = field(default_factory=dict)
+    plans_used: list = field(default_factory=list)  # plan ids the requests ran with
+    probes: int = 0
+    error: str | None = None
+
+    def latencies(self) -> list[float]:
+        return [r["latency_ms"] for r in self.requests]
+
+    @property
+    def median_ms(self) -> float:
+        values = self.latencies()
+        return statistics.median(values) if values else float("nan")
+
+    @property
+    def p95_ms(self) -> float:
+        values = sorted(self.latencies())
+        if not values:
+            return float("nan")
+        return values[min(len(values) - 1, int(round(0.95 * (len(values) - 1))))]
+
+
+class Worker:
+    """The device process inside the testbed's device namespace, driven over stdin/stdout."""
+
+    def __init__(self, model: str, state: dict, log_path: Path, cpus: tuple[float, float, float]):
+        command = [sys.executable, str(Path(__file__).resolve()), "worker", "--model", model,
+                   "--cluster", state["cluster_config"], "--cgroup", PREFIX + "device",
+                   "--device-cpu", str(cpus[0]), "--edge-cpu", str(cpus[1]), "--cloud-cpu", str(cpus[2]),
+                   "--device-log", str(Path(state["run_dir"]) / "device-links.jsonl")]
+        from deploy import netns
+
+        self.log = open(log_path, "a")
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen(netns.in_ns(PREFIX + "device", command), stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
+        self.calibration = self.expect("ready")["calibration"]
+
+    def send(self, **command) -> None:
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+
+    def read(self) -> dict:
+        while True:
+            line = self.process.stdout.readline()
+            if not line:
+                raise RuntimeError(f"device worker exited (status {self.process.wait()}); see {self.log.name}")
+            if line.startswith(TAG):
+                return json.loads(line[len(TAG):])
+            self.log.write(line)
+
+    def expect(self, event: str) -> dict:
+        message = self.read()
+        if message.get("event") == "error":
+            raise RuntimeError(message["error"])
+        if message.get("event") != event:
+            raise RuntimeError(f"device worker said {message} while {event!r} was expected")
+        return message
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.send(cmd="quit")
+                self.process.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def run_one(worker: Worker, model: str, scenario: str, strategy: str, traces: dict, opts) -> RunResult:
+    from traces.replay import TcApplier, replay
+
+    result = RunResult(model, scenario, strategy)
+    window_s = opts.max_s * opts.speed  # trace seconds one run can play
+    links_mbps = [window_mean_mbps(traces[link], window_s) for link in ("device-edge", "edge-cloud", "device-cloud")]
+    applier = TcApplier(PREFIX)
+    for link, mbps in zip(("device-edge", "edge-cloud", "device-cloud"), links_mbps):
+        applier.apply(link, mbps * 1e6)  # warm-up runs at the window's mean rate
+    worker.send(cmd="run", strategy=strategy, links_mbps=links_mbps, requests=opts.requests,
+                min_requests=opts.min_requests, max_s=opts.max_s)
+    try:
+        message = worker.read()
+        if message.get("event") == "join":  # the worker's first run: put it into the device's cgroup
+            from deploy import cgroups
+
+            cgroups.add_pid(message["cgroup"], message["pid"])
+            worker.send(joined=True)
+            message = worker.read()
+        if message.get("event") != "warm":
+            raise RuntimeError(message.get("error", f"unexpected {message}"))
+    except RuntimeError as exc:
+        result.error = str(exc)
+        return result
+    stop = threading.Event()
+    t0 = time.monotonic()
+    player = threading.Thread(target=lambda: result.bandwidth.extend(
+        r.to_dict() for r in replay(traces, applier, opts.step_s, opts.speed, None, None, stop)), daemon=True)
+    player.start()
+    worker.send(t0=t0)
+    while True:
+        message = worker.read()
+        if message["event"] == "request":
+            result.requests.append(message)
+            if not opts.quiet:
+                print(f"    {strategy:<13} t={message['t_s']:6.1f}s {message['latency_ms']:8.0f} ms  plan v"
+                      f"{message['plan_version']}  est d>e {message['estimate_mbps'].get('device_edge', 0):6.2f} "
+                      f"Mbit/s", flush=True)
+        elif message["event"] == "done":
+            result.repartitions, result.plan = message["repartitions"], message["plan"]
+            result.plans_used, result.probes = message.get("plans_used", []), message.get("probes", 0)
+            break
+        else:
+            result.error = message.get("error", str(message))
+            break
+    stop.set()
+    player.join(10)
+    return result
+
+
+def check_outputs(results: list[RunResult]) -> float:
+    """The largest |output - local model| over every request of every run."""
+    diffs = [r["max_abs_diff"] for result in results for r in result.requests]
+    return max(diffs) if diffs else 0.0
+
+
+# ----------------------------------------------------------------------------------------- reporting
+def format_table(results: list[RunResult]) -> str:
+    lines = [f"{'model':<13} {'scenario':<8} {'strategy':<13} {'n':>3} {'median ms':>10} {'p95 ms':>9} "
+             f"{'vs d3':>7} {'reparts':>7}  final plan (device/edge/cloud nodes, edge xN)"]
+    by_key = {(r.model, r.scenario, r.strategy): r for r in results}
+    for model, scenario in dict.fromkeys((r.model, r.scenario) for r in results):
+        d3 = by_key.get((model, scenario, "d3"))
+        for strategy in STRATEGIES:
+            r = by_key.get((model, scenario, strategy))
+            if r is None:
+                continue
+            ratio = f"{r.median_ms / d3.median_ms:.2f}x" if d3 and d3.requests and r.requests else "-"
+            tiers = r.plan.get("tiers", {})
+            plan = (f"{tiers.get('device', '?')}/{tiers.get('edge', '?')}/{tiers.get('cloud', '?')} "
+                    f"x{r.plan.get('edge_nodes', '?')}" if tiers else "")
+            lines.append(f"{model:<13} {scenario:<8} {strategy:<13} {len(r.requests):>3} {r.median_ms:>10.0f} "
+                         f"{r.p95_ms:>9.0f} {ratio:>7} {r.repartitions:>7}  {plan}"
+                         + (f"  ERROR {r.error}" if r.error else ""))
+    return "\n".join(lines)
+
+
+def verdicts(results: list[RunResult]) -> list[str]:
+    """Per (model, scenario): is D3's median below every baseline's?"""
+    out = []
+    by_key = {(r.model, r.scenario, r.strategy): r for r in results}
+    for model, scenario in dict.fromkeys((r.model, r.scenario) for r in results):
+        d3 = by_key.get((model, scenario, "d3"))
+        others = {s: by_key[(model, scenario, s)].median_ms for s in STRATEGIES[1:] if (model, scenario, s) in by_key}
+        if d3 is None or not others:
+            continue
+        best = min(others, key=others.get)
+        won = d3.median_ms < others[best]
+        same = d3.plans_used and by_key[(model, scenario, best)].plans_used == d3.plans_used
+        why = "  [same split as D3: the difference is noise]" if same and not won else ""
+        out.append(f"{model:<13} {scenario:<5} D3 {'beats every baseline' if won else 'does NOT beat ' + best} "
+                   f"(d3 {d3.median_ms:.0f} ms, best baseline {best} {others[best]:.0f} ms){why}")
+    return out
+
+
+def plot(results: list[RunResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r.model, r.scenario) for r in results))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.2 * len(panels)), squeeze=False)
+    colors = dict(zip(STRATEGIES, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for ax, (model, scenario) in zip(axes[:, 0], panels):
+        bandwidth = None
+        for r in (r for r in results if (r.model, r.scenario) == (model, scenario)):
+            if r.requests:
+                ax.plot([q["t_s"] for q in r.requests], [q["latency_ms"] for q in r.requests], "o-", ms=3,
+                        color=colors.get(r.strategy), label=f"{r.strategy} (median {r.median_ms:.0f} ms)")
+            if r.bandwidth and (bandwidth is None or len(r.bandwidth) > len(bandwidth)):
+                bandwidth = r.bandwidth
+        ax.set_yscale("log")
+        ax.set_ylabel("latency (ms)")
+        ax.set_title(f"{model}, {scenario}: {SCENARIOS.get(scenario, scenario)} on device links")
+        ax.legend(fontsize=7, loc="upper left", ncol=2)
+        if bandwidth:
+            twin = ax.twinx()
+            wall = [b["wall_s"] for b in bandwidth]
+            twin.step(wall, [b["set_bps"]["device-edge"] / 1e6 for b in bandwidth], where="post", color="gray",
+                      alpha=0.6, label="device links set (Mbit/s)")
+            twin.set_ylabel("device link Mbit/s", color="gray")
+            twin.set_ylim(bottom=0)
+    axes[-1, 0].set_xlabel("wall time since the run started (s); traces fast-forwarded")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench/e2e.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="mode")
+    worker = sub.add_parser("worker", help="(internal) the device side, run inside the device namespace")
+    worker.add_argument("--model", required=True)
+    worker.add_argument("--cluster", required=True)
+    worker.add_argument("--cgroup", default=None)
+    worker.add_argument("--device-cpu", type=float, default=DEVICE_CPU)
+    worker.add_argument("--edge-cpu", type=float, default=EDGE_CPU)
+    worker.add_argument("--cloud-cpu", type=float, default=CLOUD_CPU)
+    worker.add_argument("--device-log", default=None)
+    worker.add_argument("--no-prewarm", action="store_true", help="plan from the CPU quotas, tiers start cold")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated (default {','.join(MODELS)})")
+    parser.add_argument("--scenarios", default="lte,3g",
+                        help="comma-separated: lte, 3g, or a Mahimahi uplink trace file (default lte,3g)")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated (default: all six)")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="at most this many requests per strategy stream (default 60, quick 30)")
+    parser.add_argument("--max-s", type=float, default=None,
+                        help="a strategy's stream lasts S wall seconds (default 24, quick 10)")
+    parser.add_argument("--min-requests", type=int, default=3, help="even past --max-s (default 3)")
+    parser.add_argument("--speed", type=float, default=None, help="trace fast-forward (default 4)")
+    parser.add_argument("--step-s", type=float, default=1.0, help="trace seconds per tc change (default 1)")
+    parser.add_argument("--device-cpu", type=float, default=DEVICE_CPU, help=f"device CPU quota (default {DEVICE_CPU})")
+    parser.add_argument("--edge-cpu", type=float, default=EDGE_CPU, help=f"per edge node (default {EDGE_CPU})")
+    parser.add_argument("--cloud-cpu", type=float, default=CLOUD_CPU, help=f"cloud CPU quota (default {CLOUD_CPU})")
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter streams (fits ~15 min for 5 models)")
+    parser.add_argument("--out", default=str(REPO_ROOT / "bench" / "out"), help="where e2e.json/e2e.png go")
+    parser.add_argument("--keep-testbed", action="store_true", help="leave the testbed up afterwards")
+    parser.add_argument("--quiet", action="store_true", help="no line per request")
+    args = parser.parse_args(argv)
+    if args.mode is None:
+        args.requests = args.requests or (30 if args.quick else 60)
+        args.max_s = args.max_s or (10.0 if args.quick else 24.0)
+        args.speed = args.speed or 4.0
+        args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+        args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+        args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+        unknown = [s for s in args.strategies if s not in STRATEGIES]
+        if unknown:
+            parser.error(f"unknown strategies {unknown}; known: {', '.join(STRATEGIES)}")
+        if args.requests < 1 or args.max_s <= 0 or args.speed <= 0:
+            parser.error("--requests, --max-s and --speed must be positive")
+    return args
+
+
+def run_bench(args) -> int:
+    from tqdm import tqdm
+
+    from deploy.testbed import TestbedConfig, down, refusal_reason, up
+    from traces.replay import TcApplier
+
+    reason = refusal_reason()
+    if reason:
+        print(f"bench/e2e.py: cannot run the testbed here: {reason}", file=sys.stderr)
+        return 2
+    # the testbed must come down however the bench ends: a background job inherits an ignored SIGINT,
+    # and SIGTERM would skip the `finally` below
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    traces = {s: scenario_traces(s) for s in args.scenarios}  # fail on a missing trace before anything starts
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    down(PREFIX, progress=lambda line: None)
+    state = up(TestbedConfig(edge_nodes=EDGE_NODES, device_cpu=args.device_cpu, edge_cpu=[args.edge_cpu] * EDGE_NODES,
+                             cloud_cpu=args.cloud_cpu, prefix=PREFIX), progress=lambda line: None)
+    print(f"testbed {PREFIX} up: device {args.device_cpu} CPU, {EDGE_NODES} edge nodes x {args.edge_cpu} CPU, cloud "
+          f"{args.cloud_cpu} CPU; scenarios " + ", ".join(f"{s}: {SCENARIOS.get(s, s)} (mean "
+          f"{t['device-edge'].mean_mbps:.2f} Mbit/s)" for s, t in traces.items())
+          + f", edge-cloud {EDGE_CLOUD_TRACE}; traces x{args.speed:g}", flush=True)
+    results: list[RunResult] = []
+    runs = [(m, s, k) for m in args.models for s in args.scenarios for k in args.strategies]
+    bar = tqdm(total=len(runs), desc="e2e runs", unit="run", disable=not sys.stderr.isatty())
+    try:
+        for model in args.models:
+            fast = TcApplier(PREFIX)
+            for link in ("device-edge", "edge-cloud", "device-cloud"):
+                fast.apply(link, 1e9)  # the worker's pre-warm is setup, not measured
+            worker = Worker(model, state, out / f"e2e-worker-{model}.log",
+                            (args.device_cpu, args.edge_cpu, args.cloud_cpu))
+            print(f"  {model}: measured calibration {worker.calibration}", flush=True)
+            try:
+                for scenario in args.scenarios:
+                    for strategy in args.strategies:
+                        print(f"  {model} {scenario} {strategy}", flush=True)
+                        result = run_one(worker, model, scenario, strategy, traces[scenario], args)
+                        results.append(result)
+                        bar.update(1)
+                        (out / "e2e.json").write_text(json.dumps([r.__dict__ for r in results]))
+            finally:
+                worker.close()
+    finally:
+        bar.close()
+        if not args.keep_testbed:
+            down(PREFIX, progress=lambda line: None)
+    print()
+    print(format_table(results))
+    print()
+    for line in verdicts(results):
+        print(line)
+    plot(results, out / "e2e.png")
+    print(f"outputs: max abs diff to the local model {check_outputs(results):.1e}; wrote {out / 'e2e.json'} and "
+          f"{out / 'e2e.png'}; bench took {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.mode == "worker":
+        return run_worker(args)
+    return run_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
