@@ -14,9 +14,25 @@ or tile borders).
 
 Element-wise ops (bn, activations, add, mul) and channel concat keep coordinates: every input needs the
 output's region, except 1x1 maps broadcast over the whole map (e.g. squeeze-excite scales), read whole.
+
+Bit-exactness. Equal inputs are not enough: a kernel's rounding can depend on the shape it is called
+with. Measured sources and what a tile does about each (torch 2.x CPU, oneDNN 3.x, AVX-512):
+- eval batch norm (and other multi-rounding element-wise ops) takes another loop on a strided view:
+  pointwise ops get contiguous crops (not in-place ones: their view is how the write reaches the map).
+- aten picks oneDNN or its own im2col+GEMM conv from the map size and thread count, so a small tile can
+  switch algorithm: the tile asks aten which backend the untiled map gets and forces that one.
+- oneDNN's 1x1 conv blocks its channel reduction by output height (<= 10, 11..27, >= 28 rows): a 1x1
+  tile is laid out as a map in the untiled height's class (it treats pixels independently), and a strided
+  one is subsampled first when oneDNN does the same (checked once per conv on random data).
+- aten's GEMM conv (small maps only) rounds by map width: those tiles run on a whole-size zero map.
+What is left: the tile's blocked kernels can still differ where no layout reproduces the untiled call
+(e.g. strided 1x1 convs on odd maps that oneDNN does not compact, 1x1 convs over width-split tiles); the
+result then differs by float rounding only (~1 ulp per conv).
 """
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +123,7 @@ class TileOp:
     windows: tuple[AxisWindow, AxisWindow] | None
     hyper: dict[str, Any]
     input_sizes: list[tuple[int, int]]
+    in_place: bool = False  # writes into its first input (relu(inplace=True), +=): its crop must stay a view
 
     def input_regions(self, out: Region) -> list[Region]:
         """Region of each input needed for ``out`` (clipped to the input map)."""
@@ -133,6 +150,10 @@ class TileOp:
         if self.windows is None:
             crops = {name: crop(*values[name], region)
                      for name, region in zip(self.input_names, self.input_regions(out))}
+            if not self.in_place and self.kind != "cat":
+                # a strided crop sends aten's vectorised loops down another path (eval batch norm rounds
+                # differently on a non-contiguous map); a contiguous crop gets the untiled map's arithmetic
+                crops = {name: t.contiguous() for name, t in crops.items()}
             return self._call_original(crops)
         return self._run_window(out, values[self.input_names[0]])
 
@@ -173,9 +194,7 @@ class TileOp:
         dilation = (rows.dilation, cols.dilation)
         kernel = (rows.kernel, cols.kernel)
         if self.kind == "conv":
-            x, padding = self._padded_input(out, value, 0.0, native_padding=True)
-            conv = self.module
-            return F.conv2d(x, conv.weight, conv.bias, stride, padding, dilation, conv.groups)
+            return self._run_conv(out, value, stride, dilation)
         if self.kind == "maxpool":
             x = self._padded_input(out, value, float("-inf"))
             return F.max_pool2d(x, kernel, stride, 0, dilation, ceil_mode=False)
@@ -190,6 +209,57 @@ class TileOp:
         divisor = torch.outer(self._avg_counts(out[0], 0), self._avg_counts(out[1], 1)).to(sums.dtype)
         return sums / divisor
 
+    def _run_conv(self, out: Region, value: tuple[torch.Tensor, Region], stride: tuple[int, int],
+                  dilation: tuple[int, int]) -> torch.Tensor:
+        """A conv tile computed with the untiled conv's arithmetic (see :func:`conv_strategy`)."""
+        conv = self.module
+        strategy = conv_strategy(conv, self.input_sizes[0], value[0].shape[0], value[0].dtype)
+        if strategy == "embed":
+            return self._conv_embedded(out, value)
+        x, padding = self._padded_input(out, value, 0.0, native_padding=True)
+        if strategy == "pointwise" and padding == (0, 0):
+            return self._pointwise_conv(out, x, stride)
+        return self._conv_like_untiled(x, padding, stride, dilation)
+
+    def _conv_embedded(self, out: Region, value: tuple[torch.Tensor, Region]) -> torch.Tensor:
+        """Run the conv on a zero map of the untiled input's shape holding the tile's input: the same call
+        as the untiled one, so the same kernel; output pixels of the tile read only the real input."""
+        conv, size = self.module, self.input_sizes[0]
+        needed = self._needed(out)
+        clipped = tuple((max(lo, 0), min(hi, size[axis])) for axis, (lo, hi) in enumerate(needed))
+        tensor = value[0]
+        whole = tensor.new_zeros(tuple(tensor.shape[:-2]) + tuple(size))
+        (h0, h1), (w0, w1) = clipped
+        whole[..., h0:h1, w0:w1] = crop(*value, clipped)
+        result = conv(whole)
+        return result[..., out[0][0]:, out[1][0]:]
+
+    def _pointwise_conv(self, out: Region, x: torch.Tensor, stride: tuple[int, int]) -> torch.Tensor:
+        """A 1x1 conv on oneDNN: its reduction blocking (and so its rounding) follows the output height
+        (thresholds at 10 and 28 rows in jit_avx512_common_1x1), not the tile's. A 1x1 conv treats pixels
+        independently, so lay the tile's pixels out as a map about as tall as the untiled output."""
+        conv = self.module
+        rows, cols = region_shape(out)
+        x = x[..., ::stride[0], ::stride[1]][..., :rows, :cols]  # the pixels the windows read
+        batch, channels = x.shape[:2]
+        height = _nearest_divisor(rows * cols, self.output_size[0])
+        y = torch.ops.aten.mkldnn_convolution(x.contiguous().reshape(batch, channels, height, -1), conv.weight,
+                                              conv.bias, (0, 0), (1, 1), (1, 1), conv.groups)
+        return y.reshape(batch, -1, rows, cols)
+
+    def _conv_like_untiled(self, x: torch.Tensor, padding: tuple[int, int], stride: tuple[int, int],
+                           dilation: tuple[int, int]) -> torch.Tensor:
+        """The conv on a tile, through the backend aten picks for the untiled map. aten chooses oneDNN or
+        its own im2col+GEMM ("slow") conv from the input's size and the thread count, so a small tile of a
+        map that ran on oneDNN would silently change algorithm (and rounding); force the untiled one."""
+        conv = self.module
+        untiled = untiled_conv_backend(self.module, self.input_sizes[0], x.shape[0], x.dtype)
+        tiled = torch._C._select_conv_backend(x, conv.weight, conv.bias, stride, padding, dilation, False, (0, 0),
+                                              conv.groups, None)
+        if tiled == untiled or untiled not in _FORCEABLE_BACKENDS:
+            return F.conv2d(x, conv.weight, conv.bias, stride, padding, dilation, conv.groups)
+        return _FORCEABLE_BACKENDS[untiled](x, conv, stride, padding, dilation)
+
     def _avg_counts(self, out: Interval, axis: int) -> torch.Tensor:
         window, size = self.windows[axis], self.input_sizes[0][axis]
         counts = []
@@ -200,6 +270,103 @@ class TileOp:
                 start, stop = max(start, 0), min(stop, size)
             counts.append(stop - start)
         return torch.tensor(counts, dtype=torch.float64)
+
+
+def untiled_conv_backend(conv: nn.Conv2d, input_size: tuple[int, int], batch: int, dtype: torch.dtype):
+    """The backend aten picks for ``conv`` on its whole (untiled) input map, with this process's thread
+    count and oneDNN setting (both enter aten's choice). Asked of aten itself, on an uninitialised map."""
+    key = (id(conv), input_size, batch, dtype, torch.get_num_threads(), torch.backends.mkldnn.is_available()
+           and torch.backends.mkldnn.enabled)
+    if key not in _BACKENDS:
+        probe = torch.empty((batch, conv.in_channels) + tuple(input_size), dtype=dtype)
+        padding = _conv_windows(conv)
+        _BACKENDS[key] = torch._C._select_conv_backend(
+            probe, conv.weight, conv.bias, conv.stride, tuple(w.padding for w in padding), conv.dilation, False,
+            (0, 0), conv.groups, None)
+    return _BACKENDS[key]
+
+
+_BACKENDS: dict = {}
+
+# aten itself sends maps up to this many elements (per image) to its slow conv: computing such a conv
+# over the whole map for every tile costs little, and is the one way to get its GEMM's rounding
+SMALL_MAP_ELEMENTS = 20480
+
+
+def conv_strategy(conv: nn.Conv2d, input_size: tuple[int, int], batch: int, dtype: torch.dtype) -> str:
+    """How a tile of ``conv`` gets the untiled conv's exact arithmetic:
+    "embed": the untiled map is small and runs on aten's slow conv, whose GEMM rounds differently for
+    other widths: run on the whole-size map; "pointwise": a 1x1 oneDNN conv, re-laid out (see
+    ``TileOp._pointwise_conv``); "native": the untiled backend on the tile (oneDNN's direct and brgemm
+    convs do not change their reduction order with the map's height)."""
+    backend = untiled_conv_backend(conv, input_size, batch, dtype)
+    slow = backend in (torch._C._ConvBackend.Slow2d, torch._C._ConvBackend.SlowDilated2d)
+    if slow and conv.in_channels * input_size[0] * input_size[1] <= SMALL_MAP_ELEMENTS:
+        return "embed"
+    if backend == torch._C._ConvBackend.Mkldnn and conv.kernel_size == (1, 1) and conv.groups == 1 and \
+            _padding_free(conv) and (conv.stride == (1, 1) or _compacting_is_exact(conv, input_size, batch, dtype)):
+        return "pointwise"
+    return "native"
+
+
+def _padding_free(conv: nn.Conv2d) -> bool:
+    return all(window.padding == 0 for window in _conv_windows(conv))
+
+
+def _compacting_is_exact(conv: nn.Conv2d, input_size: tuple[int, int], batch: int, dtype: torch.dtype) -> bool:
+    """Whether oneDNN's strided 1x1 conv on the whole map rounds like a 1x1 conv on its subsampled pixels
+    (it does when oneDNN compacts the input first, "reduce to unit stride"). Checked once on random data:
+    a different reduction order shows in some of the thousands of outputs."""
+    key = ("compact", id(conv), input_size, batch, dtype, torch.get_num_threads())
+    if key not in _BACKENDS:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn((batch, conv.in_channels) + tuple(input_size), generator=generator).to(dtype)
+        with torch.no_grad():
+            compact = x[..., ::conv.stride[0], ::conv.stride[1]].contiguous()
+            _BACKENDS[key] = torch.equal(conv(x), torch.ops.aten.mkldnn_convolution(
+                compact, conv.weight, conv.bias, (0, 0), (1, 1), (1, 1), conv.groups))
+    return _BACKENDS[key]
+
+
+def _height_class(rows: int) -> int:
+    """oneDNN's 1x1 conv picks its reduction blocking by output height: <= 10, 11..27 or >= 28 rows."""
+    return 0 if rows <= 10 else 1 if rows < 28 else 2
+
+
+def _nearest_divisor(count: int, target: int) -> int:
+    """The divisor of ``count`` closest to ``target`` within its height class (see ``_height_class``)."""
+    def rank(divisor: int) -> tuple[bool, int, int]:
+        return _height_class(divisor) != _height_class(target), abs(divisor - target), -divisor
+
+    best = 1
+    for candidate in range(1, math.isqrt(count) + 1):
+        if count % candidate == 0:
+            for divisor in (candidate, count // candidate):
+                if rank(divisor) < rank(best):
+                    best = divisor
+    return best
+
+
+def _per_group(function):
+    """aten runs the slow convs one group at a time and concatenates (they have no groups argument)."""
+    def run(x, conv, stride, padding, dilation):
+        if conv.groups == 1:
+            return function(x, conv.weight, conv.bias, stride, padding, dilation)
+        xs, ws = x.chunk(conv.groups, 1), conv.weight.chunk(conv.groups, 0)
+        bs = conv.bias.chunk(conv.groups) if conv.bias is not None else [None] * conv.groups
+        return torch.cat([function(*args, stride, padding, dilation) for args in zip(xs, ws, bs)], 1)
+    return run
+
+
+_FORCEABLE_BACKENDS = {
+    torch._C._ConvBackend.Mkldnn: lambda x, conv, stride, padding, dilation: torch.ops.aten.mkldnn_convolution(
+        x.contiguous(), conv.weight, conv.bias, padding, stride, dilation, conv.groups),
+    torch._C._ConvBackend.Slow2d: _per_group(lambda x, w, b, stride, padding, _dilation: torch.ops.aten.
+                                              _slow_conv2d_forward(x.contiguous(), w, w.shape[2:], b, stride, padding)),
+    torch._C._ConvBackend.SlowDilated2d: _per_group(lambda x, w, b, stride, padding, dilation: torch.ops.aten.
+                                                     slow_conv_dilated2d(x.contiguous(), w, w.shape[2:], b, stride,
+                                                                         padding, dilation)),
+}
 
 
 def _spatial_size(shape: tuple[int, ...] | None) -> tuple[int, int] | None:
@@ -268,5 +435,18 @@ def build_tile_op(graph: ModelGraph, name: str, modules: dict[str, nn.Module], n
     if windows is not None and len(record.input_names) != 1:
         raise NotTileable("sliding-window op with several tensor inputs")
     return TileOp(name, kind, node, module, list(record.input_names), broadcast, output_size, windows,
-                  dict(record.hyper), input_sizes)
+                  dict(record.hyper), input_sizes, _writes_input(node, module))
+
+
+def _writes_input(node: fx.Node, module: nn.Module | None) -> bool:
+    if node.op == "call_module":
+        return bool(getattr(module, "inplace", False))
+    if node.kwargs.get("inplace", False) or node.target in _IN_PLACE_OPERATORS:
+        return True
+    if node.op == "call_function" and any(arg is True for arg in node.args[1:]):
+        return True  # F.relu(x, True): the only positional bool of the pointwise functionals is inplace
+    return node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__")
+
+
+_IN_PLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv})
 

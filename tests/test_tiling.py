@@ -262,3 +262,45 @@ def test_verify_cli_tiles_the_edge_and_reports_halo(capsys):
     assert result["max_abs_diff"] <= 1e-5
     assert d3(["verify", "resnet18", "--cuts", "3,60", "--edge-nodes", "3", "--weights-per-node", "1,2"]) == 2
     assert "--weights-per-node gives 2 weights" in capsys.readouterr().err
+
+
+class BottleneckNet(nn.Module):
+    """A resnet bottleneck at a size where oneDNN runs every conv: its 1x1 convs pick their reduction
+    blocking by output height (10 / 28 row thresholds), so naive row tiles round differently."""
+
+    def __init__(self):
+        super().__init__()
+        self.reduce = nn.Conv2d(256, 64, 1)
+        self.bn = nn.BatchNorm2d(64)
+        self.conv = nn.Conv2d(64, 64, 3, padding=1)
+        self.expand = nn.Conv2d(64, 256, 1)
+        self.down = nn.Conv2d(256, 128, 1, stride=2)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.reduce(x)), inplace=True)
+        y = self.expand(F.relu(self.conv(y)))
+        return self.down(F.relu(y + x))
+
+
+# the height classes are those of oneDNN's AVX-512 1x1 kernel; other ISAs have other heuristics
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512", reason="tuned to oneDNN's AVX-512 kernels")
+@pytest.mark.parametrize("split", ["h", "auto"])
+def test_onednn_convs_and_batch_norm_tiles_are_bit_exact(split):
+    graph, segmented = _full_edge(BottleneckNet(), (1, 256, 56, 56))
+    values, reference = edge_values(graph, segmented)
+    for count in (2, 3, 5):
+        plan = plan_segment_tiling(graph, segmented.edge, WEIGHTS[:count], split)
+        out = run_edge_tiled(graph, plan, values)
+        for name in reference:
+            assert torch.equal(out[name], reference[name]), f"N={count} split={split}"
+
+
+def test_pointwise_conv_layout_keeps_onednn_height_class():
+    from partitioner.halo import _nearest_divisor
+
+    assert _nearest_divisor(20 * 56, 56) == 56  # a 20-row tile of a 56-row map is laid out 56 rows tall
+    assert _nearest_divisor(12 * 7, 25) == 21  # 28 is nearer 25 but in oneDNN's next height class
+    assert _nearest_divisor(7, 14) == 7
