@@ -1,0 +1,214 @@
+"""Latency predictor: kernels, JSON regressors, profile files, fit/eval, the shipped default, CPU-quota tiers."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from predictor.features import FEATURES, group_kernels
+from predictor.fitted import KernelPredictor, fit_predictor
+from predictor.profiler import ProfileSettings, profile_graph, profile_meta, read_profiles, write_profile
+from predictor.regressors import FAMILIES, Regressor, _export_tree, _predict_tree, fit_family, select_and_fit
+from predictor.registry import DEFAULT_PREDICTOR_PATH, load_predictor
+
+SMALL = (1, 3, 64, 64)
+
+
+def test_kernels_fuse_conv_bn_relu_and_cover_every_node_once(graph_of):
+    graph = graph_of("resnet18")
+    kernels = group_kernels(graph)
+    assert kernels[0].nodes == ["conv1", "bn1", "relu"] and kernels[0].kind == "conv"
+    features = dict(zip(FEATURES, kernels[0].features))
+    assert features["has_bn"] == 1 and features["has_act"] == 1 and features["kernel_area"] == 49
+    covered = [n for k in kernels for n in k.nodes]
+    assert sorted(covered) == sorted(graph.order) and len(covered) == len(set(covered))
+    # a conv whose bn output feeds the residual add is fused with its bn only
+    assert ["layer1_0_conv2", "layer1_0_bn2"] in [k.nodes for k in kernels]
+    assert len(group_kernels(graph, fuse=False)) == len(graph.order)
+
+
+def test_exported_tree_predicts_like_sklearn():
+    from sklearn.tree import DecisionTreeRegressor
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 5, size=(300, 4))
+    y = np.sin(x[:, 0]) + x[:, 1] ** 2 - x[:, 2]
+    tree = DecisionTreeRegressor(max_depth=6, random_state=0).fit(x, y)
+    exported = json.loads(json.dumps(_export_tree(tree)))
+    np.testing.assert_allclose(_predict_tree(exported, x), tree.predict(x))
+
+
+def _synthetic_kernels(count=120, seed=0):
+    """Kernels whose time is exactly 10 ns/FLOP + 4 us: a linear-in-FLOPs op kind."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((count, len(FEATURES)))
+    x[:, FEATURES.index("flops")] = rng.uniform(1e5, 1e8, count)
+    x[:, FEATURES.index("out_elements")] = rng.uniform(1e3, 1e5, count)
+    seconds = x[:, FEATURES.index("flops")] * 1e-11 + 4e-6
+    return x, seconds, np.array([f"m{i % 6}" for i in range(count)])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_survives_json_and_fits_its_training_data(family):
+    x, seconds, _ = _synthetic_kernels()
+    regressor = fit_family(family, x, seconds)
+    restored = Regressor.from_dict(json.loads(json.dumps(regressor.to_dict())))
+    np.testing.assert_allclose(restored.predict(x), regressor.predict(x))
+    relative = np.abs(restored.predict(x) - seconds) / seconds
+    assert np.median(relative) < 0.15, f"{family} misfits its own training data: {np.median(relative):.2f}"
+
+
+def test_cross_validation_picks_the_linear_family_for_linear_timings():
+    x, seconds, groups = _synthetic_kernels()
+    regressor = select_and_fit(x, seconds, groups)
+    assert set(regressor.cv_scores) == set(FAMILIES)
+    assert regressor.family == "linear", regressor.cv_scores
+    assert regressor.cv_mape < 0.02
+
+
+@pytest.fixture(scope="module")
+def small_profile(tmp_path_factory):
+    """resnet18 at 64x64: kernels and 12 random segments, timed at 1 thread (a few seconds)."""
+    from tests.conftest import zoo_graph
+
+    graph = zoo_graph("resnet18", SMALL)
+    settings = ProfileSettings(threads=1, rounds=9, segment_rounds=5)
+    try:
+        records = profile_graph(graph, settings, segments=12, progress=False)
+    finally:
+        import torch
+
+        torch.set_num_threads(2)  # the rest of the suite runs at 2 threads
+    path = tmp_path_factory.mktemp("profile") / "resnet18.jsonl"
+    write_profile(path, profile_meta(settings, models=["resnet18"]), records)
+    return path
+
+
+def test_profile_file_is_json_lines_with_host_torch_threads_and_time(small_profile, graph_of):
+    lines = [json.loads(line) for line in small_profile.read_text().splitlines()]
+    meta = lines[0]
+    assert meta["type"] == "meta" and meta["threads"] == 1 and meta["clock"] == "cpu"
+    assert meta["host"] and meta["torch"] and meta["timestamp"]
+    kinds = {line["type"] for line in lines[1:]}
+    assert kinds == {"overhead", "kernel", "segment"}
+    segments = [line for line in lines if line["type"] == "segment"]
+    node_count = len(graph_of("resnet18", SMALL).order)
+    assert len(segments) == 12 and all(0 <= s["start"] < s["end"] <= node_count and s["median_s"] > 0
+                                       for s in segments)
+    kernels = [line for line in lines if line["type"] == "kernel"]
+    assert sorted(n for k in kernels for n in k["nodes"]) == sorted(graph_of("resnet18", SMALL).order)
+
+
+def test_fitted_predictor_predicts_its_own_models_segments(small_profile, tmp_path):
+    from predictor.evaluate import evaluate
+
+    profile = read_profiles([small_profile])
+    predictor = fit_predictor(profile, progress=False)
+    path = tmp_path / "p.json"
+    predictor.save(path)
+    restored = load_predictor(path)
+    result = evaluate(restored, profile)
+    assert {"kernel_mape", "segment_within_10pct", "segments", "models"} <= set(result)
+    assert result["segments"] == 12 and result["models"] == ["resnet18"]
+    # Trained on these very kernels: segment sums must be close (noise aside), so this catches a broken sum,
+    # a missing overhead or a fused kernel counted twice.
+    assert result["segment_median_abs_error"] < 0.25, result
+
+
+def test_default_predictor_ships_as_json_and_folds_fused_kernels(graph_of):
+    assert DEFAULT_PREDICTOR_PATH.is_file(), "predictor/default_predictor.json must ship with the package"
+    json.loads(DEFAULT_PREDICTOR_PATH.read_text())  # plain JSON, not a pickle
+    predictor = load_predictor("default")
+    assert predictor.threads == 1 and predictor.per_call_overhead_s > 0
+    graph = graph_of("resnet18")
+    seconds = predictor.node_seconds(graph)
+    assert list(seconds) == graph.order and all(v >= 0 for v in seconds.values())
+    assert seconds["conv1"] > 0 and seconds["bn1"] == 0 and seconds["relu"] == 0
+    total = sum(seconds.values())
+    assert 1e-3 < total < 1.0  # resnet18 at one thread: tens of milliseconds
+    slower = predictor.scaled(4.0)
+    assert sum(slower.node_seconds(graph).values()) == pytest.approx(4 * total)
+    assert slower.per_call_overhead_s == pytest.approx(4 * predictor.per_call_overhead_s)
+
+
+def test_default_predictor_tracks_fresh_segments_on_this_host(graph_of):
+    """The shipped predictor against fresh measurements of resnet18 segments (only on the host it was fitted on).
+    The issue's goal is 90% within +-10%; on this loaded 2-core box back-to-back runs drifted by 18%, so the
+    test holds a bound that catches a wrong scale, a lost overhead or double-counted fused kernels."""
+    import socket
+
+    from predictor.evaluate import evaluate
+    from predictor.profiler import Profile
+
+    predictor = load_predictor("default")
+    if predictor.meta.get("host") != socket.gethostname():
+        pytest.skip(f"default predictor was fitted on {predictor.meta.get('host')}, this is {socket.gethostname()}")
+    settings = ProfileSettings(threads=1, rounds=5, segment_rounds=5)
+    try:
+        records = profile_graph(graph_of("resnet18"), settings, segments=15, kernels=False, progress=False)
+    finally:
+        import torch
+
+        torch.set_num_threads(2)
+    profile = Profile(metas=[profile_meta(settings)])
+    for record in records:
+        profile.add(record)
+    result = evaluate(predictor, profile)
+    assert result["segment_median_abs_error"] < 0.5, result
+
+
+def test_load_predictor_rejects_bad_files_with_one_clear_line(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_predictor(tmp_path / "missing.json")
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("\x80\x04 not json")
+    with pytest.raises(ValueError, match="not JSON"):
+        load_predictor(garbage)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ValueError, match="not a d3 kernel predictor"):
+        KernelPredictor.load(other)
+
+
+def test_cli_eval_json_and_bad_input(small_profile, capsys):
+    from deploy.cli import main
+
+    assert main(["predictor", "eval", "default", "--on", str(small_profile), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"kernel_mape", "segment_within_10pct", "segments", "models"} <= set(result)
+    assert result["segments"] == 12
+    assert main(["profile", "resnet_typo", "--out", "/tmp/unused.jsonl"]) == 2
+    assert "unknown model 'resnet_typo'" in capsys.readouterr().err
+    assert main(["predictor", "fit", "/nonexistent/profile.jsonl", "--out", "/tmp/unused.json"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.root
+def test_cpu_quota_cgroup_slows_a_child_and_calibration_sees_it(tmp_path):
+    """25% of one CPU: a child's CPU-bound loop is throttled to 1/4; calibration there finds a ~4x scale."""
+    from predictor.cgroup import CPU_CGROUP_ROOT, cgroup_unavailable_reason, cpu_quota_cgroup, run_in_cgroup
+
+    reason = cgroup_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    # 0.4 s of CPU at 25% of one CPU needs >= 1.6 s of wall time (less one period's head start),
+    # whatever else the machine is doing: a bound that holds under load, unlike a free-vs-throttled ratio.
+    spin = [sys.executable, "-c",
+            "import time\nt=time.perf_counter(); c=time.process_time()\n"
+            "while time.process_time() - c < 0.4: pass\nprint(time.perf_counter() - t)"]
+    out = tmp_path / "calibrated.json"
+    with cpu_quota_cgroup(0.25) as cgroup:
+        assert (cgroup / "cpu.cfs_quota_us").read_text().strip() == "25000"
+        assert str(os.getpid()) not in (cgroup / "cgroup.procs").read_text().split()
+        throttled = float(run_in_cgroup(cgroup, spin, capture_output=True, text=True, check=True).stdout)
+        stats = dict(line.split() for line in (cgroup / "cpu.stat").read_text().splitlines())
+        run_in_cgroup(cgroup, [sys.executable, "-m", "deploy.cli", "predictor", "calibrate", "default", "--out",
+                               str(out), "--models", "resnet18", "--kernels", "10", "--rounds", "20"],
+                      check=True, capture_output=True, timeout=180)
+    assert not cgroup.exists() and not any(p.name == cgroup.name for p in CPU_CGROUP_ROOT.iterdir())
+    assert throttled > 1.2 and int(stats["nr_throttled"]) > 0, (throttled, stats)
+    calibrated = load_predictor(out)
+    assert 2.5 < calibrated.scale < 12, calibrated.meta["calibration"]
+    assert calibrated.meta["calibration"]["kernels"] == 10
