@@ -4,6 +4,7 @@ node count, naming the best per model; optionally measured with each node a sepa
     .venv/bin/python bench/edge_strategies.py [--models vgg16,resnet50,googlenet,inception_v3]
         [--nodes 2,3,4,6,8] [--speeds 1.0,0.5,0.25] [--link-mbps 1000] [--segment full|middle]
         [--measure | --measure-only] [--measure-nodes 2] [--measure-shape 1x3x112x112] [--repeats 5] [--json PATH]
+        [--daemons] [--daemon-slowdowns 1,2,4]
 
 Cost model: the edge segment (the whole model by default) planned by every strategy for N edge nodes whose
 speeds cycle through --speeds (N=3: 1.0, 0.5, 0.25). The table prints each strategy's predicted ms and
@@ -16,6 +17,14 @@ to their node through the ``item_runner`` seam (pickled tensors, as on the wire 
 Planning uses the FLOP-rate model rescaled so the unsplit segment's prediction equals its measured time,
 and the measured round trip of an empty item as the per-item overhead. Reported: median wall ms over
 --repeats, and each worker's peak RSS growth.
+
+--daemons: the plans run by real edge daemons (``d3 edge`` processes on loopback, ZeroMQ between them,
+as in ``d3 demo``), one per --daemon-slowdowns entry (1,2,4 = speeds 1.0, 0.5, 0.25: each node sleeps so
+a call takes k x its CPU time). A device in this process sends each request with an edge-only plan that
+names the edge strategy; the coordinating daemon (the fastest) plans the edge segment for the live
+nodes' speeds and scatters the items. Reported per model and strategy: the median edge-segment seconds
+the coordinator reports, and each daemon's peak RSS growth while that strategy ran (VmHWM after it less
+VmRSS before, the peak reset through /proc/PID/clear_refs), plus what ``auto`` ran.
 """
 from __future__ import annotations
 
@@ -232,6 +241,115 @@ def print_measured(rows: list[dict], args) -> None:
               + ", ".join(f"{m:.0f}" for m in row["worker_peak_rss_mb"]) + ")")
 
 
+# ---------------------------------------------------------------------------------------------- daemons
+def _rss_kb_of(pid: int) -> dict[str, int]:
+    fields = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0])
+    return fields
+
+
+def _reset_peak(pid: int) -> bool:
+    try:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+        with open(f"/proc/{pid}/clear_refs", "w") as clear:
+            clear.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _daemon_cluster(slowdowns: list[float], workdir: Path):
+    from deploy.cluster import Cluster, EdgeNodeSpec
+    from tiers.demo import LocalCluster, free_port
+
+    edges = [EdgeNodeSpec(f"edge{i}", f"tcp://127.0.0.1:{free_port()}", k) for i, k in enumerate(slowdowns)]
+    spec = Cluster(f"http://127.0.0.1:{free_port()}", edges)
+    path = workdir / "cluster.toml"
+    path.write_text(spec.to_toml())
+    return LocalCluster(spec, path, time.monotonic(), extra_edge_args=["--tile-timeout", "120"])
+
+
+def measure_daemons(args) -> list[dict]:
+    import tempfile
+
+    from partitioner.edge_strategies import STRATEGY_NAMES
+    from partitioner.plan import Plan
+    from tiers.device import Client
+
+    shape = parse_shape(args.measure_shape)
+    slowdowns = sorted(float(k) for k in args.daemon_slowdowns.split(","))  # the fastest coordinates
+    strategies = [s for s in (args.strategies or ",".join(STRATEGY_NAMES)).split(",") if s]
+    rows = []
+    for model in tqdm(args.models.split(","), desc="models (edge daemons)", file=sys.stderr):
+        model_shape = shape if model != "inception_v3" or min(shape[-2:]) >= 75 else (shape[0], shape[1], 139, 139)
+        graph = load_graph(model, model_shape)
+        x = example_input(model_shape)
+        with torch.no_grad():
+            reference = graph.module(x)
+        local = _daemon_cluster(slowdowns, Path(tempfile.mkdtemp(prefix="d3-edge-bench-")))
+        row = {"model": model, "shape": list(model_shape), "speeds": [round(1 / k, 3) for k in slowdowns],
+               "ms": {}, "total_ms": {}, "peak_rss_mb": {}, "ran": {}, "max_abs_diff": {}}
+        try:
+            local.start(timeout_s=300)
+            pids = [local.processes[e.name].pid for e in local.cluster.edges]
+            clients = {}
+            for strategy in strategies:
+                plan = Plan(model, model_shape, {n: "edge" for n in graph.order}, edge_weights=[1.0] * len(slowdowns),
+                            strategy="edge_only", edge_strategy=strategy)
+                clients[strategy] = Client(model, edge=local.cluster.edges[0].address, cloud=local.cluster.cloud_url,
+                                           input_shape=model_shape, plan=plan, timeout_s=600)
+            samples = {s: [] for s in strategies}
+            totals = {s: [] for s in strategies}
+            peaks = {s: [0.0] * len(pids) for s in strategies}
+            for strategy, client in clients.items():  # warm: every node builds the plan's pieces once
+                client.infer(x)
+            for round_index in range(args.repeats):  # rounds, order rotating: all see the same load
+                offset = round_index % len(strategies)
+                for strategy in strategies[offset:] + strategies[:offset]:
+                    before = [_rss_kb_of(pid)["VmRSS"] for pid in pids if _reset_peak(pid)]
+                    output = clients[strategy].infer(x)
+                    after = [_rss_kb_of(pid)["VmHWM"] for pid in pids]
+                    if len(before) == len(pids):
+                        peaks[strategy] = [max(p, (a - b) / 1024) for p, a, b in zip(peaks[strategy], after, before)]
+                    timing = clients[strategy].timings[-1]
+                    samples[strategy].append(1e3 * timing.edge_s)
+                    totals[strategy].append(1e3 * timing.total_s)
+                    row["ran"][strategy] = timing.edge_strategy
+                    row["max_abs_diff"][strategy] = max(row["max_abs_diff"].get(strategy, 0.0),
+                                                        float((output - reference).abs().max()))
+            for client in clients.values():
+                client.close()
+            row["ms"] = {s: statistics.median(v) for s, v in samples.items()}
+            row["total_ms"] = {s: statistics.median(v) for s, v in totals.items()}
+            row["peak_rss_mb"] = peaks
+            row["tolerance"] = 1e-5 * max(1.0, float(reference.abs().max()))
+        finally:
+            local.stop()
+        rows.append(row)
+    return rows
+
+
+def print_daemons(rows: list[dict], args) -> None:
+    print(f"\nMeasured on edge daemons (d3 edge processes, ZeroMQ on loopback), input {args.measure_shape}, "
+          f"whole model on the edge, node speeds {', '.join(str(s) for s in rows[0]['speeds']) if rows else ''} "
+          f"(CPU-time slowdowns {args.daemon_slowdowns}); edge-segment ms (median of {args.repeats}) "
+          f"[peak RSS growth per node, MB]")
+    for row in rows:
+        best = min((s for s in row["ms"] if s != "auto"), key=row["ms"].get)
+        auto = row["ran"].get("auto", "-")
+        ok = all(d <= row["tolerance"] for d in row["max_abs_diff"].values())
+        print(f"{row['model']} {'x'.join(map(str, row['shape']))}: best {best}; auto ran {auto} "
+              f"({'= the measured winner' if auto == best else 'not the measured winner'}); outputs "
+              f"{'within' if ok else 'OUTSIDE'} tolerance")
+        for strategy, ms in sorted(row["ms"].items(), key=lambda kv: kv[1]):
+            peaks = ", ".join(f"{m:.1f}" for m in row["peak_rss_mb"][strategy])
+            name = f"auto->{auto}" if strategy == "auto" else strategy
+            print(f"   {name:<18} {ms:8.1f} ms  (device round trip {row['total_ms'][strategy]:8.1f} ms)  [{peaks}]")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default=DEFAULT_MODELS)
@@ -247,6 +365,9 @@ def main(argv=None) -> int:
     parser.add_argument("--measure-nodes", type=int, default=2)
     parser.add_argument("--measure-shape", default="1x3x112x112")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--daemons", action="store_true", help="execute the plans on real edge daemons")
+    parser.add_argument("--daemon-slowdowns", default="1,2,4", help="one edge daemon per CPU-time slowdown")
+    parser.add_argument("--strategies", default=None, help="edge strategies for --daemons (default: all + auto)")
     parser.add_argument("--json", type=Path, help="write all rows here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -255,11 +376,15 @@ def main(argv=None) -> int:
         rows = cost_table(args)
         print_cost_table(rows, args)
     measured = []
-    if args.measure or args.measure_only:
+    if args.measure or (args.measure_only and not args.daemons):
         measured = measure(args)
         print_measured(measured, args)
+    daemons = []
+    if args.daemons:
+        daemons = measure_daemons(args)
+        print_daemons(daemons, args)
     if args.json:
-        args.json.write_text(json.dumps({"cost_model": rows, "measured": measured}, indent=1))
+        args.json.write_text(json.dumps({"cost_model": rows, "measured": measured, "daemons": daemons}, indent=1))
     return 0
 
 

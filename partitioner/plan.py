@@ -22,6 +22,9 @@ class Plan:
     predicted_ms: float = float("nan")
     stages_ms: dict[str, float] = field(default_factory=dict)
     link_bytes: dict[str, int] = field(default_factory=dict)
+    # how the edge node that receives a request spreads the edge segment over the live edge nodes:
+    # a name of partitioner.edge_strategies.STRATEGY_NAMES ("auto" = lowest prediction); older JSON: tiles
+    edge_strategy: str = "tiles"
 
     @property
     def edge_nodes(self) -> int:
