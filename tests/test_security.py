@@ -110,9 +110,14 @@ def zmq_ask(address: str, frames: list, curve: tuple | None = None, wait_ms: int
     if curve is not None:
         public, secret, server = curve
         dealer.curve_publickey, dealer.curve_secretkey, dealer.curve_serverkey = public, secret, server
+    # A refused handshake tears the pipe down; without a send timeout the DEALER would wait for a peer forever.
+    dealer.setsockopt(zmq.SNDTIMEO, wait_ms)
     try:
         dealer.connect(address)
-        dealer.send_multipart(frames)
+        try:
+            dealer.send_multipart(frames)
+        except zmq.Again:
+            return None
         if not dealer.poll(wait_ms):
             return None
         return wire.decode_frames(dealer.recv_multipart())
