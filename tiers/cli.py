@@ -47,7 +47,12 @@ def add_commands(subparsers) -> None:
 
     add_model_arguments(infer)
     _cluster_argument(infer)
-    infer.add_argument("--edge", default=None, help="edge node to send to (default: the first in the file)")
+    infer.add_argument("--edge", default=None, help="edge node to send to first (default: the first in the file);"
+                       " the others of the file take over if it stops answering")
+    infer.add_argument("--timeout", type=float, default=120.0,
+                       help="deadline of one request in seconds, retries included (default 120)")
+    infer.add_argument("--no-failover", action="store_true",
+                       help="one try per request on one edge node: no retry on another plan or edge node")
     infer.add_argument("--requests", type=int, default=5, help="how many requests (default 5)")
     infer.add_argument("--strategy", default="d3", choices=STRATEGIES, help="plan to use (default d3, re-planned)")
     infer.add_argument("--slowdown", type=float, default=None, help="emulated device slowdown (default: file)")
@@ -165,7 +170,7 @@ def run_infer(args: argparse.Namespace) -> int:
     from partitioner.cli import load_graph_from_args
     from partitioner.zoo import example_input
     from tiers.demo import calibrated_tiers, format_timing
-    from tiers.device import Client
+    from tiers.failover import BasicClient, FailoverClient
     from tiers.links import links_from_traces
 
     torch.set_num_threads(args.threads)
@@ -180,11 +185,18 @@ def run_infer(args: argparse.Namespace) -> int:
     x = example_input(graph.input_shape)
     with torch.no_grad():
         reference = graph.module(x)
-    with Client(args.model, edge=edge.address if edge else None, cloud=cluster.cloud_url,
-                input_shape=graph.input_shape, plan=plan, weights=args.weights, links=links, tiers=tiers,
-                edge_weights=weights, slowdown=slowdown, shapers=_shapers(args, cluster),
-                security=node_security(cluster.security, args.device_name, "device",
-                                       edge.name if edge else None)) as client:
+    if args.timeout <= 0:
+        raise ValueError(f"--timeout must be positive, got {args.timeout}")
+    common = dict(input_shape=graph.input_shape, plan=plan, weights=args.weights, links=links, tiers=tiers,
+                  edge_weights=weights, slowdown=slowdown, shapers=_shapers(args, cluster), timeout_s=args.timeout,
+                  security=node_security(cluster.security, args.device_name, "device", edge.name if edge else None))
+    if args.no_failover:
+        client = BasicClient(args.model, edge=edge.address if edge else None, cloud=cluster.cloud_url, **common)
+    else:  # the chosen edge node first, then the others of the cluster file in order
+        order = [edge] + [e for e in cluster.edges if e is not edge] if edge else []
+        client = FailoverClient(args.model, edges=[e.address for e in order], edge_names=[e.name for e in order],
+                                cloud=cluster.cloud_url, **common)
+    with client:
         for index in range(args.requests):
             output = client.infer(x)
             diff = float((output - reference).abs().max())

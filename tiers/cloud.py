@@ -43,10 +43,6 @@ METRICS_KEY = web.AppKey("metrics", Metrics)
 CONFIG_KEY = web.AppKey("config", CloudConfig)
 
 
-def _reply(message: Message, status: int = 200, shaper=None) -> web.Response:
-    return web.Response(status=status, body=transport.make_payload(message, shaper))
-
-
 def _refuse(request: web.Request, status: int, code: str, text: str, headers: dict | None = None) -> web.Response:
     """An error answer sent before reading the body (closing the connection: the rest is not read)."""
     requests = request.app[METRICS_KEY].requests  # counted, but kept out of the latency percentiles
@@ -83,7 +79,7 @@ async def _handle_admitted(request: web.Request) -> web.Response:
     metrics.in_flight += 1
     request_id, bytes_in = "", request.content_length or 0
     try:
-        message = await transport.read_body(request.content.iter_any(), request.content_length,
+        message = await transport.read_body(request.content, request.content_length,
                                             app[CONFIG_KEY].max_message_bytes)
         request_id = message.request_id
         received = time.perf_counter()
@@ -104,8 +100,9 @@ async def _handle_admitted(request: web.Request) -> web.Response:
         outcome, status, shaper = "internal", 500, None
     finally:
         metrics.in_flight -= 1
-    metrics.record(outcome, time.perf_counter() - start, bytes_in, transport.message_size(response))
-    reply = _reply(response, status, shaper)
+    payload = transport.make_payload(response, shaper)  # encoded once: its size is what the metrics count
+    metrics.record(outcome, time.perf_counter() - start, bytes_in, payload.size)
+    reply = web.Response(status=status, body=payload)
     if status != 200:
         reply.force_close()  # the client may still be sending a body we refused: do not read the rest
     return reply
@@ -114,6 +111,11 @@ async def _handle_admitted(request: web.Request) -> web.Response:
 async def _infer(app: web.Application, message: Message, deadline: float | None = None) -> Message:
     if message.kind != "infer":
         raise RequestError(f"the cloud serves 'infer' messages, got {message.kind!r}")
+    from tiers.runtime import CLOUD_JOINS
+
+    ack = await CLOUD_JOINS.take_part(message, deadline)  # device->cloud direct values (edge-integration)
+    if ack is not None:
+        return ack
     store: ModelStore = app[STORE_KEY]
     loop = asyncio.get_running_loop()
     entry = await loop.run_in_executor(app[CONFIG_KEY].executor, store.resolve, message)
@@ -167,9 +169,10 @@ def make_cloud_app(store: ModelStore | None = None, workers: int = 4, slowdown: 
 
 
 async def serve_cloud(host: str, port: int, app: web.Application, ready=None, ssl_context=None) -> None:
-    runner = web.AppRunner(app, access_log=None)
+    transport.tune_malloc_for_streaming()
+    runner = web.AppRunner(app, access_log=None, **transport.server_runner_kwargs())
     await runner.setup()
-    await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
+    await web.SockSite(runner, transport.listen_socket(host, port), ssl_context=ssl_context).start()
     if ready is not None:
         ready()
     try:

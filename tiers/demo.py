@@ -224,8 +224,9 @@ def calibrated_tiers(graph, device_slowdown: float, edge_slowdowns: list[float],
 # ------------------------------------------------------------------------------------- printing
 def format_timing(timing) -> str:
     links = " ".join(f"{k.replace('_', '>')} {v * 1e3:5.0f}" for k, v in timing.links_s.items())
+    edge_strategy = getattr(timing, "edge_strategy", "") or "-"
     return (f"plan v{timing.plan_version:<2} {timing.strategy:<13} device {timing.device_s * 1e3:5.0f}  "
-            f"edge {timing.edge_s * 1e3:5.0f} (x{timing.edge_nodes})  cloud {timing.cloud_s * 1e3:5.0f}  "
+            f"edge {timing.edge_s * 1e3:5.0f} (x{timing.edge_nodes} {edge_strategy})  cloud {timing.cloud_s * 1e3:5.0f}  "
             f"links[{links or '-'}]  total {timing.total_s * 1e3:6.0f} ms")
 
 
@@ -259,7 +260,32 @@ def add_demo_command(subparsers) -> None:
     demo.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
                       help="comma-separated strategies to compare (default: D3 and the four baselines)")
     demo.add_argument("--quiet", action="store_true", help="only the summary table")
+    from partitioner.edge_strategies.cli import add_edge_strategy_argument
+
+    add_edge_strategy_argument(demo)  # --edge-strategy, default auto
     demo.set_defaults(handler=run_demo)
+    add_edge_daemon_strategy_argument(subparsers.choices.get("edge"))
+
+
+def add_edge_daemon_strategy_argument(edge_parser) -> None:
+    """``d3 edge --edge-strategy``: tiers/cli.py builds ``d3 edge`` (another engineer's file), so the flag is
+    added here and reaches EdgeConfig through D3_EDGE_STRATEGY (its default). Without the flag each plan's
+    own edge strategy is used."""
+    if edge_parser is None or "--edge-strategy" in edge_parser._option_string_actions:
+        return
+    from partitioner.edge_strategies import STRATEGY_NAMES
+    from tiers.edge import EDGE_STRATEGY_ENV
+
+    edge_parser.add_argument("--edge-strategy", default=None, choices=STRATEGY_NAMES,
+                             help="spread every plan's edge segment this way (default: as each plan says)")
+    handler = edge_parser.get_default("handler")
+
+    def run_with_strategy(args):
+        if args.edge_strategy:
+            os.environ[EDGE_STRATEGY_ENV] = args.edge_strategy
+        return handler(args)
+
+    edge_parser.set_defaults(handler=run_with_strategy)
 
 
 @dataclass
@@ -361,6 +387,7 @@ def _run_demo_on(args, local, graph, x, reference, links, tiers, link_traces, st
           f"{links.device_cloud_bps / 1e6:.0f} Mbit/s, RTT {links.device_edge_rtt_s * 1e3:.0f} / "
           f"{links.edge_cloud_rtt_s * 1e3:.0f} / {links.device_cloud_rtt_s * 1e3:.0f} ms), slowdowns device "
           f"x{args.device_slowdown:g} edge x{args.edge_slowdown:g} cloud x{args.cloud_slowdown:g}; "
+          f"edge strategy {getattr(args, 'edge_strategy', None) or 'tiles'}; "
           f"model on this machine {sum(tiers.cloud.seconds.values()) * 1e3:.0f} ms CPU", flush=True)
     print(f"  started cloud + {args.edge_nodes} edge daemons and calibrated in {time.monotonic() - started:.1f} s "
           f"(logs in {local.path.parent})", flush=True)
@@ -384,7 +411,8 @@ def measure_strategies(args, graph, x, reference, strategies, local, links, tier
             plan = strategy_plan(graph, strategy, links, tiers, weights)
             clients[strategy] = Client(args.model, edge=local.cluster.edges[0].address, cloud=local.cluster.cloud_url,
                                        input_shape=graph.input_shape, plan=plan, links=links, tiers=tiers,
-                                       edge_weights=weights, slowdown=args.device_slowdown, shapers=shapers)
+                                       edge_weights=weights, slowdown=args.device_slowdown, shapers=shapers,
+                                       edge_strategy=getattr(args, "edge_strategy", None))
         same_as = same_plan_as(clients)
         for strategy, client in clients.items():
             if strategy in same_as:

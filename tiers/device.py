@@ -52,6 +52,7 @@ class RequestTiming:
     links_s: dict[str, float] = field(default_factory=dict)  # device_edge, edge_cloud, device_cloud
     bytes: dict[str, int] = field(default_factory=dict)
     edge_nodes: int = 0
+    edge_strategy: str = ""  # the edge strategy the coordinating edge node ran ("whole": not split)
 
 
 class LinkEstimator:
@@ -113,7 +114,8 @@ class Client:
                  input_shape: tuple[int, ...] | None = None, plan: Plan | None = None,
                  weights: str | None = None, links=None, tiers=None, edge_weights=(1.0,),
                  slowdown: float = 1.0, shapers: dict | None = None, repartition: bool = True,
-                 timeout_s: float = 120.0, store: ModelStore | None = None, security=None):
+                 timeout_s: float = 120.0, store: ModelStore | None = None, security=None,
+                 edge_strategy: str | None = None):
         self.model = model
         self.edge_address = edge
         self.cloud_url = cloud.rstrip("/") if cloud else None
@@ -126,6 +128,7 @@ class Client:
         self._fixed_plan = plan
         self._links0, self._tiers, self._edge_weights = links, tiers, edge_weights
         self.repartition = repartition and plan is None
+        self.edge_strategy = edge_strategy  # None: as each plan says; a name: stamped on every plan sent
         self.input_shape = tuple(plan.input_shape) if plan is not None else input_shape
         self.planner: _Planner | None = None
         self.links = LinkEstimator()
@@ -222,6 +225,13 @@ class Client:
             self.store.add_plan(plan_json)
         return self.store._plans[digest]
 
+    def _with_edge_strategy(self, plan: Plan) -> Plan:
+        if self.edge_strategy is None or plan.edge_strategy == self.edge_strategy:
+            return plan
+        import dataclasses
+
+        return dataclasses.replace(plan, edge_strategy=self.edge_strategy)
+
     def _replan(self) -> None:
         if not self.repartition or self.planner is None:
             return
@@ -244,7 +254,7 @@ class Client:
         if tuple(x.shape) != tuple(self.input_shape):
             raise ValueError(f"input has shape {tuple(x.shape)} but the plan is for {tuple(self.input_shape)}")
         with self._plan_lock:
-            plan = self.planner.plan  # this request's plan, whatever the re-partitioner does meanwhile
+            plan = self._with_edge_strategy(self.planner.plan)  # this request's plan, whatever re-planning does
         entry = await self._loop.run_in_executor(None, self._entry, plan)
         start = time.perf_counter()
         timing = RequestTiming(plan.version, plan.strategy)
@@ -253,7 +263,18 @@ class Client:
         device_out, timing.device_s = await self._loop.run_in_executor(
             None, lambda: timed_run(lambda: segmented.device.run(values), self.slowdown))
         values.update(device_out)
-        if segmented.edge.node_names:
+        # device values the cloud segment reads go straight to the cloud (the cost model prices them on the
+        # device->cloud link), not through the edge node; the cloud joins them with the edge's by request id
+        direct = [n for n in segmented.cloud.input_names if n in values] \
+            if segmented.edge.node_names and segmented.cloud.node_names and self.cloud_url else []
+        if segmented.edge.node_names and direct:
+            join_id = uuid.uuid4().hex
+            edge_values = {n: values[n] for n in segmented.edge.input_names}
+            reply, _ = await asyncio.gather(
+                self._send_edge(entry, plan, edge_values, timing, {"cloud_direct": direct, "join": join_id}),
+                self._send_cloud_part(plan, {n: values[n] for n in direct}, join_id, timing))
+            values.update(reply.tensors)
+        elif segmented.edge.node_names:
             needed = segmented.edge.input_names + [n for n in segmented.cloud.input_names if n in values]
             reply = await self._send_edge(entry, plan, {n: values[n] for n in dict.fromkeys(needed)}, timing)
             values.update(reply.tensors)
@@ -269,9 +290,11 @@ class Client:
         """Time this request may still take (a failover client narrows it per try)."""
         return self.attempt_timeout_s
 
-    def _request(self, tier: str, entry: PlanEntry, plan: Plan, tensors: dict, resend_plan: bool) -> Message:
+    def _request(self, tier: str, entry: PlanEntry, plan: Plan, tensors: dict, resend_plan: bool,
+                 extra_meta: dict | None = None) -> Message:
         plan_id = wire.plan_digest(entry.plan_json)
         meta: dict[str, Any] = {"link": "device_cloud"} if tier == "cloud" else {}
+        meta.update(extra_meta or {})
         meta["deadline_ms"] = self._budget_s() * 1e3  # the tiers give up (with an error) when it is spent
         if resend_plan or (tier, plan_id) not in self._sent_plans:
             meta["plan"] = entry.plan_json
@@ -279,9 +302,10 @@ class Client:
         return Message(kind="infer", request_id=uuid.uuid4().hex, model=plan.model, plan_version=plan.version,
                        plan_id=plan_id, model_digest=digest, meta=meta, tensors=tensors)
 
-    async def _with_plan_retry(self, tier: str, entry: PlanEntry, plan: Plan, tensors: dict, send) -> Message:
+    async def _with_plan_retry(self, tier: str, entry: PlanEntry, plan: Plan, tensors: dict, send,
+                               extra_meta: dict | None = None) -> Message:
         for attempt in range(2):
-            request = self._request(tier, entry, plan, tensors, resend_plan=attempt > 0)
+            request = self._request(tier, entry, plan, tensors, resend_plan=attempt > 0, extra_meta=extra_meta)
             reply, elapsed = await send(request)
             if reply.kind == "error" and reply.meta.get("code") == "unknown_plan" and attempt == 0:
                 continue  # the tier restarted or forgot the plan: send it again
@@ -291,7 +315,8 @@ class Client:
             return reply, elapsed, request
         raise TierError(f"{tier} keeps refusing plan {plan.version}", "unknown_plan")
 
-    async def _send_edge(self, entry: PlanEntry, plan: Plan, tensors: dict, timing: RequestTiming) -> Message:
+    async def _send_edge(self, entry: PlanEntry, plan: Plan, tensors: dict, timing: RequestTiming,
+                         extra_meta: dict | None = None) -> Message:
         async def send(request: Message):
             future = self._loop.create_future()
             self._pending[request.request_id] = future
@@ -308,12 +333,13 @@ class Client:
 
         if self._dealer is None:
             raise TierError("this plan has an edge segment but the client has no edge address", "no_edge")
-        reply, elapsed, request = await self._with_plan_retry("edge", entry, plan, tensors, send)
+        reply, elapsed, request = await self._with_plan_retry("edge", entry, plan, tensors, send, extra_meta)
         server_s = float(reply.meta.get("server_s", 0.0))
         up_bytes = request.tensor_bytes
         timing.edge_s = float(reply.meta.get("edge_s", 0.0))
         timing.cloud_s = float(reply.meta.get("cloud_s", 0.0))
         timing.edge_nodes = int(reply.meta.get("edge_nodes", 0))
+        timing.edge_strategy = str(reply.meta.get("edge_strategy", ""))
         timing.links_s["device_edge"] = max(elapsed - server_s, 0.0)
         timing.bytes["device_edge"] = up_bytes + reply.tensor_bytes
         self._observe("device_edge", timing.bytes["device_edge"], timing.links_s["device_edge"])
@@ -346,6 +372,26 @@ class Client:
         timing.bytes["device_cloud"] = request.tensor_bytes + reply.tensor_bytes
         self._observe("device_cloud", timing.bytes["device_cloud"], timing.links_s["device_cloud"])
         return reply
+
+    async def _send_cloud_part(self, plan: Plan, tensors: dict, join_id: str, timing: RequestTiming) -> None:
+        """The device's direct values for the cloud segment; the cloud holds them for the edge's forward."""
+        import aiohttp
+
+        request = Message(kind="infer", request_id=uuid.uuid4().hex, model=plan.model, plan_version=plan.version,
+                          meta={"link": "device_cloud", "join": join_id, "part": "device",
+                                "deadline_ms": self._budget_s() * 1e3}, tensors=tensors)
+        start = time.perf_counter()
+        try:
+            reply = await transport.post_message(self._session, self.cloud_url + "/v1/infer", request,
+                                                 self.shapers.get("device_cloud"), self.timeout_s)
+        except (OSError, asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            raise TierError(f"cloud {self.cloud_url} is unreachable: {exc or type(exc).__name__}",
+                            "unreachable") from None
+        if reply.kind == "error":
+            raise TierError(f"cloud: {reply.meta.get('error')}", reply.meta.get("code", "error"))
+        timing.links_s["device_cloud"] = time.perf_counter() - start
+        timing.bytes["device_cloud"] = request.tensor_bytes
+        self._observe("device_cloud", request.tensor_bytes, timing.links_s["device_cloud"])
 
     def _observe(self, link: str, nbytes: int, seconds: float) -> None:
         """A transfer's bandwidth sample: its link time less the link's known round trip (the planner

@@ -2,17 +2,22 @@
 one DEALER per peer for tiles and heartbeats going out; never REQ/REP, whose lock-step would serialise
 concurrent requests).
 
-The node a device sends a request to coordinates it: it runs the plan's edge segment with
-``partitioner.tiling.run_edge_tiled`` whose ``tile_runner`` sends each tile to the node the tiling chose
-(itself included), gathers and stitches, then forwards the cloud segment's inputs to the cloud endpoint
+The node a device sends a request to coordinates it: it plans the edge segment for the live nodes' speeds
+with the plan's edge strategy (``partitioner.edge_strategies.plan_edge``: tiles, hetero_lp, zones, dpfl,
+auction, iop or auto; cached per plan, strategy and node speeds), runs it with ``run_edge_plan`` whose
+``item_runner`` sends each work item to the node the strategy chose (itself included), combines, then forwards the cloud segment's inputs to the cloud endpoint
 over HTTP (or answers the device at once when the cloud segment is empty). Nodes announce themselves
 and their speed every ``heartbeat_s``; a peer silent for ``peer_timeout_s`` leaves the tiling, and a tile
-sent to a peer that does not answer within ``tile_timeout_s`` is re-run on this node.
+sent to a peer that does not answer within ``tile_timeout_s`` is re-run on this node. Items travel as
+``tile`` messages whose meta names the edge stage and item (``item_meta``); the older tile-only meta
+(``stage``/``tile``) is still served.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +32,11 @@ from tiers.runtime import Metrics, ModelStore, PlanEntry, RequestError, check_in
 from tiers.wire import Message, WireError
 
 log = logging.getLogger("d3.edge")
+EDGE_STRATEGY_ENV = "D3_EDGE_STRATEGY"  # `d3 edge --edge-strategy` sets it (see tiers/demo.py)
+
+
+def _default_edge_strategy() -> str | None:
+    return os.environ.get(EDGE_STRATEGY_ENV) or None
 
 
 @dataclass
@@ -42,6 +52,9 @@ class EdgeConfig:
     tile_timeout_s: float = 20.0
     workers: int = 8
     tiling: bool = True
+    # None: each plan's Plan.edge_strategy; a strategy name overrides every plan this node coordinates
+    edge_strategy: str | None = field(default_factory=_default_edge_strategy)
+    edge_link_bps: float = 1e9  # the LAN between edge nodes, as the edge planner prices it
     max_message_bytes: int = 256 << 20
     shapers: dict = field(default_factory=dict)  # device_edge (replies), edge_cloud, edge_edge
     security: object = None  # tiers.security.NodeSecurity (CURVE keys, cloud token, TLS); None = open
@@ -66,7 +79,7 @@ class EdgeDaemon:
         self.peers = {name: PeerState(address) for name, address in config.peers.items() if name != config.name}
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix=f"{config.name}")
         self._pending: dict[str, asyncio.Future] = {}
-        self._tilings: dict[tuple, object] = {}
+        self._tilings: dict[tuple, object] = {}  # (plan digest, strategy, node speeds) -> EdgePlan
         self._cloud_plans: set[str] = set()  # plan ids the cloud has been sent
         self._tasks: list[asyncio.Task] = []
         self.tiles_rerun = 0
@@ -225,29 +238,34 @@ class EdgeDaemon:
         guard.check_deadline(deadline, "before the edge started computing")
         # the plan says over how many nodes to spread the edge segment (1 = untiled, e.g. a baseline)
         nodes = self.alive_nodes()[:max(1, len(entry.plan.edge_weights))]
-        edge_outputs, edge_s = await self._run_edge(entry, message.tensors, nodes)
+        edge_outputs, edge_s, edge_strategy = await self._run_edge(entry, message.tensors, nodes)
         values = {**message.tensors, **edge_outputs}
         outputs = {name: values[name] for name in entry.graph.output_names
                    if name in edge_outputs}
-        meta = {"edge_s": edge_s, "edge_nodes": len(nodes) if edge.node_names else 0}
+        meta = {"edge_s": edge_s, "edge_nodes": len(nodes) if edge.node_names else 0, "edge_strategy": edge_strategy}
+        direct = message.meta.get("cloud_direct") or []  # values the device sends the cloud itself
+        if not isinstance(direct, list) or not all(isinstance(n, str) for n in direct):
+            raise RequestError(f"meta cloud_direct must list value names, got {direct!r}")
         if cloud.node_names:
-            missing = [name for name in cloud.input_names if name not in values]
+            missing = [name for name in cloud.input_names if name not in values and name not in direct]
             if missing:
                 raise RequestError(f"the cloud segment needs {missing}, which neither the device sent nor "
                                    f"the edge computed")
             guard.check_deadline(deadline, "before the edge forwarded to the cloud")
-            cloud_reply, link_s = await self._post_cloud(entry, message, {n: values[n] for n in cloud.input_names},
-                                                         deadline)
+            join = {"join": message.meta.get("join") or message.request_id, "expect": direct} if direct else {}
+            cloud_reply, link_s = await self._post_cloud(
+                entry, message, {n: values[n] for n in cloud.input_names if n not in direct}, deadline, join)
             outputs.update(cloud_reply.tensors)
             meta.update(cloud_s=cloud_reply.meta.get("cloud_s", 0.0), edge_cloud_s=link_s,
                         edge_cloud_bytes=sum(t.numel() * t.element_size() for n, t in values.items()
-                                             if n in cloud.input_names) + cloud_reply.tensor_bytes)
+                                             if n in cloud.input_names and n not in direct)
+                        + cloud_reply.tensor_bytes)
         meta["server_s"] = time.perf_counter() - start
         return Message(kind="result", request_id=message.request_id, model=message.model,
                        plan_version=message.plan_version, plan_id=message.plan_id, meta=meta, tensors=outputs)
 
     async def _post_cloud(self, entry: PlanEntry, message: Message, tensors: dict,
-                          deadline: float | None = None) -> tuple[Message, float]:
+                          deadline: float | None = None, join: dict | None = None) -> tuple[Message, float]:
         """Forward to the cloud (with the plan JSON the first time); returns (reply, link seconds)."""
         import aiohttp
 
@@ -255,7 +273,7 @@ class EdgeDaemon:
             raise RequestError("this plan has a cloud segment but the edge node has no cloud URL", "no_cloud")
         url = self.config.cloud_url.rstrip("/") + "/v1/infer"
         for attempt in range(2):
-            meta = guard.with_budget({"link": "edge_cloud"}, deadline)
+            meta = guard.with_budget({"link": "edge_cloud", **(join or {})}, deadline)
             if message.plan_id not in self._cloud_plans or attempt:
                 meta["plan"] = entry.plan_json
             request = Message(kind="infer", request_id=message.request_id, model=message.model,
@@ -278,71 +296,86 @@ class EdgeDaemon:
             return reply, max(elapsed - float(reply.meta.get("server_s", reply.meta.get("cloud_s", 0.0))), 1e-6)
         raise RequestError("cloud kept refusing the plan", "unknown_plan")
 
-    async def _run_edge(self, entry: PlanEntry, values: dict, nodes: list[tuple[str, float]]) -> tuple[dict, float]:
+    async def _run_edge(self, entry: PlanEntry, values: dict,
+                        nodes: list[tuple[str, float]]) -> tuple[dict, float, str]:
+        """(edge segment outputs, seconds, the edge strategy that ran: a name, "whole" or "")."""
         segment = entry.segmented.edge
         if not segment.node_names:
-            return {}, 0.0
-        tiling_plan = await self._tiling_for(entry, nodes) if len(nodes) > 1 else None
-        if tiling_plan is None:
-            return await self.loop.run_in_executor(
+            return {}, 0.0, ""
+        edge_plan = await self._tiling_for(entry, nodes) if len(nodes) > 1 else None
+        if edge_plan is None:
+            outputs, seconds = await self.loop.run_in_executor(
                 self.executor, lambda: timed_run(lambda: segment.run(values), self.config.slowdown))
-        from partitioner.tiling import run_edge_tiled
+            return outputs, seconds, "whole"
+        from partitioner.edge_strategies import run_edge_plan
 
-        runner = self._tile_runner(entry, tiling_plan, [name for name, _ in nodes])
-        return await self.loop.run_in_executor(
-            self.executor, lambda: timed_run(lambda: run_edge_tiled(entry.graph, tiling_plan, values, runner)))
+        runner = self._tile_runner(entry, edge_plan, [name for name, _ in nodes])
+        outputs, seconds = await self.loop.run_in_executor(
+            self.executor, lambda: timed_run(lambda: run_edge_plan(entry.graph, edge_plan, values, runner)))
+        return outputs, seconds, edge_plan.strategy
+
+    def edge_strategy_of(self, entry: PlanEntry) -> str:
+        return self.config.edge_strategy or getattr(entry.plan, "edge_strategy", None) or "tiles"
 
     async def _tiling_for(self, entry: PlanEntry, nodes: list[tuple[str, float]]):
+        """The edge segment planned by the plan's edge strategy for these nodes (node 0 = this one)."""
         if not self.config.tiling:
             return None
-        try:
-            from partitioner.tiling import plan_edge_tiling
-        except ImportError:  # tiling not installed: the edge segment runs whole on this node
-            return None
-        weights = tuple(round(speed, 3) for _, speed in nodes)
-        key = (wire.plan_digest(entry.plan_json), weights)
+        from partitioner.edge_strategies import STRATEGY_NAMES, plan_edge
+
+        strategy = self.edge_strategy_of(entry)
+        if strategy not in STRATEGY_NAMES:
+            raise RequestError(f"unknown edge strategy {strategy!r}; this node runs {', '.join(STRATEGY_NAMES)}")
+        speeds = tuple(round(speed, 3) for _, speed in nodes)
+        key = (wire.plan_digest(entry.plan_json), strategy, speeds)
         if key not in self._tilings:
             segment = entry.segmented.edge
             self._tilings[key] = await self.loop.run_in_executor(
-                self.executor, lambda: plan_edge_tiling(entry.graph, segment.node_names, segment.input_names,
-                                                        segment.output_names, list(weights)))
+                self.executor, lambda: plan_edge(entry.graph, segment.node_names, segment.input_names,
+                                                 segment.output_names, list(speeds), self.config.edge_link_bps,
+                                                 strategy))
         return self._tilings[key]
 
-    def _tile_runner(self, entry: PlanEntry, tiling_plan, node_names: list[str]):
-        """The seam run_edge_tiled calls (from its worker threads) for each tile."""
-        from partitioner.tiling import run_tile
+    def _tile_runner(self, entry: PlanEntry, edge_plan, node_names: list[str]):
+        """The seam run_edge_plan calls (from its worker threads) for each work item."""
+        from partitioner.edge_strategies import item_meta, run_item
 
-        def run_here(stage_index, tile, slices):
-            stage = tiling_plan.stages[stage_index]
-            outputs, _ = timed_run(lambda: run_tile(entry.graph, stage, tile, slices), self.config.slowdown)
+        # the planner prices one node's items as run one after another: a node never computes two at once
+        busy = {name: threading.Lock() for name in node_names}
+
+        def run_here(stage_index, item, slices):
+            stage = edge_plan.stages[stage_index]
+            with busy[self.config.name]:
+                outputs, _ = timed_run(lambda: run_item(entry.graph, stage, item, slices), self.config.slowdown)
             return outputs
 
-        def runner(stage_index, tile, slices):
-            node = node_names[tile.node % len(node_names)]
+        def rerun_here(stage_index, item, slices):
+            self.tiles_rerun += 1
+            return run_here(stage_index, item, slices)
+
+        def runner(stage_index, item, slices):
+            node = node_names[item.node % len(node_names)]
             if node == self.config.name:
-                return run_here(stage_index, tile, slices)
+                return run_here(stage_index, item, slices)
             if not self.peers[node].last_seen:  # dropped during this request: do not wait on it again
-                self.tiles_rerun += 1
-                return run_here(stage_index, tile, slices)
-            future = asyncio.run_coroutine_threadsafe(
-                self._remote_tile(node, entry, tiling_plan, stage_index, tile, slices), self.loop)
+                return rerun_here(stage_index, item, slices)
+            meta = item_meta(edge_plan, stage_index, item)
             try:
-                return future.result()
+                with busy[node]:
+                    future = asyncio.run_coroutine_threadsafe(self._remote_tile(node, entry, meta, slices), self.loop)
+                    return future.result()
             except (asyncio.TimeoutError, RequestError, zmq.ZMQError) as exc:
-                log.warning("tile %d/%d on %s failed (%s); re-running it here", stage_index, tile.index, node, exc)
+                log.warning("item %d/%d on %s failed (%s); re-running it here", stage_index, item.index, node, exc)
                 self.peers[node].last_seen = 0.0  # dropped until its next heartbeat
-                self.tiles_rerun += 1
-                return run_here(stage_index, tile, slices)
+                return rerun_here(stage_index, item, slices)
 
         return runner
 
-    async def _remote_tile(self, node: str, entry: PlanEntry, tiling_plan, stage_index: int, tile, slices) -> dict:
+    async def _remote_tile(self, node: str, entry: PlanEntry, item_meta: dict, slices) -> dict:
         request_id = uuid.uuid4().hex
-        stage = tiling_plan.stages[stage_index]
         message = Message(kind="tile", request_id=request_id, model=entry.plan.model,
                           plan_id=wire.plan_digest(entry.plan_json),
-                          meta={"plan": entry.plan_json, "stage": stage.to_dict(), "stage_index": stage_index,
-                                "tile": tile.to_dict()}, tensors=slices)
+                          meta={"plan": entry.plan_json, **item_meta}, tensors=slices)
         future = self.loop.create_future()
         self._pending[request_id] = future
 
@@ -359,10 +392,31 @@ class EdgeDaemon:
         return reply.tensors
 
     async def _tile(self, message: Message) -> Message:
-        """A peer's tile: a pure function of (stage, tile spec, input slices)."""
+        """A peer's work item: a pure function of (stage, item spec, input slices)."""
+        entry = await self._resolve(message)
+        compute = (self._item_function(entry, message) if "edge_stage" in message.meta
+                   else self._tile_function(entry, message))
+        outputs, seconds = await self.loop.run_in_executor(
+            self.executor, lambda: timed_run(compute, self.config.slowdown))
+        return Message(kind="tile_result", request_id=message.request_id, meta={"tile_s": seconds},
+                       tensors=outputs)
+
+    @staticmethod
+    def _item_function(entry: PlanEntry, message: Message):
+        from partitioner.edge_strategies import edge_stage_from_dict, item_from_dict, run_item
+
+        try:
+            stage = edge_stage_from_dict(message.meta["edge_stage"])
+            item = item_from_dict(message.meta["item"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise RequestError(f"tile message has a bad edge stage or item spec: {exc!r}") from None
+        return lambda: run_item(entry.graph, stage, item, message.tensors)
+
+    @staticmethod
+    def _tile_function(entry: PlanEntry, message: Message):
+        """The tile-only meta of earlier coordinators (``stage`` + ``tile``)."""
         from partitioner.tiling import TiledStage, TileSpec, run_tile, stage_from_dict
 
-        entry = await self._resolve(message)
         try:
             stage = stage_from_dict(message.meta["stage"])
             tile = TileSpec.from_dict(message.meta["tile"])
@@ -370,11 +424,7 @@ class EdgeDaemon:
             raise RequestError(f"tile message has a bad stage or tile spec: {exc}") from None
         if not isinstance(stage, TiledStage):
             raise RequestError("tile message names a serial stage")
-        outputs, seconds = await self.loop.run_in_executor(
-            self.executor, lambda: timed_run(lambda: run_tile(entry.graph, stage, tile, message.tensors),
-                                             self.config.slowdown))
-        return Message(kind="tile_result", request_id=message.request_id, meta={"tile_s": seconds},
-                       tensors=outputs)
+        return lambda: run_tile(entry.graph, stage, tile, message.tensors)
 
 
 def run_edge_daemon(config: EdgeConfig, store: ModelStore | None = None, ready=None, threads: int = 1) -> None:

@@ -152,6 +152,64 @@ class Metrics:
                 "latency_ms": {"p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99), "count": len(values)}}
 
 
+class JoinTable:
+    """Values a device sends straight to the cloud (a branch that skips the edge), held until the edge's
+    forward of the same request names them: ``meta["join"]`` = the id both parts carry; the device's part
+    has ``meta["part"] = "device"`` and gets an ``ack``; the edge's part lists ``meta["expect"]`` and waits
+    for it (within its deadline). Parts whose partner never comes are forgotten, oldest first."""
+
+    def __init__(self, max_joins: int = 1024, wait_s: float = 60.0):
+        self.max_joins = max_joins
+        self.wait_s = wait_s
+        self._parts: dict[str, Any] = {}  # join id -> asyncio.Future of the device's tensors
+
+    def _future(self, join_id: str):
+        import asyncio
+
+        if join_id not in self._parts:
+            if len(self._parts) >= self.max_joins:
+                self._parts.pop(next(iter(self._parts)))
+            self._parts[join_id] = asyncio.get_running_loop().create_future()
+        return self._parts[join_id]
+
+    async def take_part(self, message: Message, deadline: float | None = None) -> Message | None:
+        """An ``ack`` for a device part; None after merging the device part into an edge part (or for a
+        request that is no join)."""
+        import asyncio
+
+        join_id = message.meta.get("join")
+        if join_id is None:
+            return None
+        if not isinstance(join_id, str) or not join_id:
+            raise RequestError(f"meta join must be a request id string, got {join_id!r}")
+        if message.meta.get("part") == "device":
+            future = self._future(join_id)
+            if not future.done():
+                future.set_result(dict(message.tensors))
+            return Message(kind="ack", request_id=message.request_id, meta={"join": join_id,
+                                                                              "bytes": message.tensor_bytes})
+        expect = message.meta.get("expect") or []
+        if not isinstance(expect, list) or not all(isinstance(n, str) for n in expect):
+            raise RequestError(f"meta expect must list value names, got {expect!r}")
+        wait_s = self.wait_s if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            device_values = await asyncio.wait_for(asyncio.shield(self._future(join_id)), wait_s)
+        except asyncio.TimeoutError:
+            raise RequestError(f"the device's direct values {expect} for request {join_id} did not arrive "
+                               f"within {wait_s:.1f} s", "deadline") from None
+        finally:
+            if self._parts.get(join_id) is not None and self._parts[join_id].done():
+                self._parts.pop(join_id, None)
+        missing = [n for n in expect if n not in device_values]
+        if missing:
+            raise RequestError(f"the device's direct part of request {join_id} lacks {missing}")
+        message.tensors.update({n: device_values[n] for n in expect})
+        return None
+
+
+CLOUD_JOINS = JoinTable()  # one cloud endpoint per process
+
+
 _nested = threading.local()  # (CPU s, wall s) of nested timed_run calls on this thread, already slowed down
 
 

@@ -192,7 +192,7 @@ def _parse_tensor_info(entry: Any) -> TensorInfo:
     name, dtype, shape, nbytes = entry
     if not isinstance(name, str) or not name:
         raise WireError(f"tensor name must be a non-empty string, got {name!r:.80}")
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:  # a list would not even hash
         raise WireError(f"tensor {name!r}: unknown dtype {dtype!r:.40}; known: {sorted(_DTYPES)}")
     if (not isinstance(shape, list) or len(shape) > MAX_DIMS
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)):
@@ -218,6 +218,11 @@ def _empty_tensor(info: TensorInfo) -> torch.Tensor:
 
 def _byte_view(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1).view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
+
+
+def _writable_bytes(tensor: torch.Tensor) -> memoryview:
+    """A writable byte memoryview of a fresh contiguous tensor's storage (shares its memory)."""
+    return memoryview(_byte_view(tensor).numpy()).cast("B")
 
 
 def decode_frames(frames: Sequence[Any], max_message_bytes: int = MAX_MESSAGE_BYTES) -> Message:
@@ -291,7 +296,9 @@ class BodyReader:
         self._head = bytearray()
         self._header: dict | None = None
         self._infos: list[TensorInfo] = []
-        self._targets: list[torch.Tensor] = []  # uint8 views of the tensors being filled
+        # writable byte views of the tensors being filled: a chunk lands with one plain memcpy (memoryview
+        # slice assignment), ~2x cheaper per chunk than a torch slice copy_ and its dispatch
+        self._targets: list[memoryview] = []
         self._tensors: dict[str, torch.Tensor] = {}
         self._index = 0
         self._filled = 0
@@ -310,14 +317,14 @@ class BodyReader:
             if self._index >= len(self._targets):
                 raise WireError("body carries more bytes than its header describes (extra data)")
             target = self._targets[self._index]
-            take = min(view.nbytes, target.numel() - self._filled)
-            target[self._filled:self._filled + take] = torch.frombuffer(view[:take], dtype=torch.uint8)
+            take = min(view.nbytes, target.nbytes - self._filled)
+            target[self._filled:self._filled + take] = view[:take]
             self._filled += take
             view = view[take:]
             self._skip_full()
 
     def _skip_full(self) -> None:
-        while self._index < len(self._targets) and self._filled == self._targets[self._index].numel():
+        while self._index < len(self._targets) and self._filled == self._targets[self._index].nbytes:
             self._index, self._filled = self._index + 1, 0
 
     def _feed_head(self, view: memoryview) -> memoryview:
@@ -338,7 +345,7 @@ class BodyReader:
         for info in self._infos:
             tensor = _empty_tensor(info)
             self._tensors[info.name] = tensor
-            self._targets.append(_byte_view(tensor))
+            self._targets.append(_writable_bytes(tensor))
         self._skip_full()
         return view
 
@@ -346,8 +353,8 @@ class BodyReader:
         if self._header is None:
             raise WireError(f"body is truncated inside the header ({len(self._head)} bytes received)")
         if self._index < len(self._targets):
-            missing = self._targets[self._index].numel() - self._filled + sum(
-                t.numel() for t in self._targets[self._index + 1:])
+            missing = self._targets[self._index].nbytes - self._filled + sum(
+                t.nbytes for t in self._targets[self._index + 1:])
             raise WireError(f"body is truncated: {missing} tensor bytes missing")
         return _message_from(self._header, self._tensors)
 
