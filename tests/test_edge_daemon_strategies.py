@@ -101,9 +101,8 @@ def test_older_plan_json_without_an_edge_strategy_runs_tiles():
     assert Plan.from_json(json.dumps(data)).edge_strategy == "tiles"
 
 
-def test_d3_edge_and_d3_demo_take_an_edge_strategy(monkeypatch):
+def test_d3_edge_and_d3_demo_take_an_edge_strategy():
     from deploy.cli import build_parser
-    from tiers.edge import EDGE_STRATEGY_ENV, EdgeConfig
 
     parser = build_parser()
     assert parser.parse_args(["demo"]).edge_strategy == "auto"
@@ -112,10 +111,7 @@ def test_d3_edge_and_d3_demo_take_an_edge_strategy(monkeypatch):
         parser.parse_args(["demo", "--edge-strategy", "nope"])
     args = parser.parse_args(["edge", "--cluster", "c.toml", "--name", "e0", "--edge-strategy", "dpfl"])
     assert args.edge_strategy == "dpfl"
-    monkeypatch.setenv(EDGE_STRATEGY_ENV, "dpfl")
-    assert EdgeConfig("e0", "tcp://127.0.0.1:1").edge_strategy == "dpfl"
-    monkeypatch.delenv(EDGE_STRATEGY_ENV)
-    assert EdgeConfig("e0", "tcp://127.0.0.1:1").edge_strategy is None
+    assert parser.parse_args(["edge", "--cluster", "c.toml", "--name", "e0"]).edge_strategy is None
 
 
 def test_device_values_for_the_cloud_go_straight_to_the_cloud(cluster):

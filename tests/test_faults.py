@@ -5,19 +5,16 @@ serves the module; the test that kills a node runs last."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
 from partitioner.cost import Links, TierModels
 from tests.test_security import post, reference, split_plan, start_cloud
 from tiers import wire
 from tiers.demo import LocalCluster, edge_status
-from tiers.device import Client, TierError
+from tiers.device import Client
 from tiers.failover import FailoverClient
 from tiers.wire import Message
 

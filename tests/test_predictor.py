@@ -1,7 +1,6 @@
 """Latency predictor: kernels, JSON regressors, profile files, fit/eval, the shipped default, CPU-quota tiers."""
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np

@@ -28,7 +28,6 @@ from tiers.cloud import STORE_KEY, make_cloud_app, serve_cloud
 from tiers.demo import free_port
 from tiers.device import Client
 from tiers.edge import EdgeConfig, EdgeDaemon
-from tiers.runtime import ModelStore
 from tiers.wire import Message
 
 pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable")

@@ -1,7 +1,6 @@
 """The three tiers for real, over loopback: a cloud endpoint and 3 edge daemons as processes, devices in
 this process. Outputs must equal the local model's; bad frames get errors and the servers keep serving."""
 import json
-import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
 STRATEGIES = ("d3", "device_only", "edge_only", "cloud_only", "neurosurgeon", "dads", "d3_no_tiling")
 
@@ -40,6 +39,10 @@ def add_commands(subparsers) -> None:
     edge.add_argument("--no-tiling", action="store_true", help="run the edge segment whole on the receiving node")
     edge.add_argument("--peer-timeout", type=float, default=2.0, help="drop a silent peer after S seconds")
     edge.add_argument("--tile-timeout", type=float, default=20.0, help="re-run a tile here after S seconds")
+    from partitioner.edge_strategies import STRATEGY_NAMES
+
+    edge.add_argument("--edge-strategy", default=None, choices=STRATEGY_NAMES,
+                      help="spread every plan's edge segment this way (default: as each plan says)")
     edge.set_defaults(handler=run_edge)
 
     infer = subparsers.add_parser("infer", help="run requests from this machine as a device of a cluster")
@@ -144,7 +147,7 @@ def run_edge(args: argparse.Namespace) -> int:
                         cloud_url=cluster.cloud_url, speed=spec.speed, slowdown=args.slowdown or spec.slowdown,
                         tiling=not args.no_tiling, peer_timeout_s=args.peer_timeout,
                         tile_timeout_s=args.tile_timeout, shapers=_shapers(args, cluster),
-                        security=node_security(cluster.security, spec.name, "edge"))
+                        security=node_security(cluster.security, spec.name, "edge"), edge_strategy=args.edge_strategy)
     ready = lambda: print(f"d3 edge {spec.name}: serving on {bind} with {len(cluster.edges) - 1} peers "  # noqa: E731
                           f"({describe_security(config.security, 'edge')})", flush=True)
     run_edge_daemon(config, ready=ready, threads=args.threads)

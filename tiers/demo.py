@@ -264,28 +264,6 @@ def add_demo_command(subparsers) -> None:
 
     add_edge_strategy_argument(demo)  # --edge-strategy, default auto
     demo.set_defaults(handler=run_demo)
-    add_edge_daemon_strategy_argument(subparsers.choices.get("edge"))
-
-
-def add_edge_daemon_strategy_argument(edge_parser) -> None:
-    """``d3 edge --edge-strategy``: tiers/cli.py builds ``d3 edge`` (another engineer's file), so the flag is
-    added here and reaches EdgeConfig through D3_EDGE_STRATEGY (its default). Without the flag each plan's
-    own edge strategy is used."""
-    if edge_parser is None or "--edge-strategy" in edge_parser._option_string_actions:
-        return
-    from partitioner.edge_strategies import STRATEGY_NAMES
-    from tiers.edge import EDGE_STRATEGY_ENV
-
-    edge_parser.add_argument("--edge-strategy", default=None, choices=STRATEGY_NAMES,
-                             help="spread every plan's edge segment this way (default: as each plan says)")
-    handler = edge_parser.get_default("handler")
-
-    def run_with_strategy(args):
-        if args.edge_strategy:
-            os.environ[EDGE_STRATEGY_ENV] = args.edge_strategy
-        return handler(args)
-
-    edge_parser.set_defaults(handler=run_with_strategy)
 
 
 @dataclass

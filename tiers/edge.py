@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 import uuid
@@ -32,11 +31,6 @@ from tiers.runtime import Metrics, ModelStore, PlanEntry, RequestError, check_in
 from tiers.wire import Message, WireError
 
 log = logging.getLogger("d3.edge")
-EDGE_STRATEGY_ENV = "D3_EDGE_STRATEGY"  # `d3 edge --edge-strategy` sets it (see tiers/demo.py)
-
-
-def _default_edge_strategy() -> str | None:
-    return os.environ.get(EDGE_STRATEGY_ENV) or None
 
 
 @dataclass
@@ -53,7 +47,7 @@ class EdgeConfig:
     workers: int = 8
     tiling: bool = True
     # None: each plan's Plan.edge_strategy; a strategy name overrides every plan this node coordinates
-    edge_strategy: str | None = field(default_factory=_default_edge_strategy)
+    edge_strategy: str | None = None
     edge_link_bps: float = 1e9  # the LAN between edge nodes, as the edge planner prices it
     max_message_bytes: int = 256 << 20
     shapers: dict = field(default_factory=dict)  # device_edge (replies), edge_cloud, edge_edge
