@@ -105,7 +105,7 @@ def test_d3_edge_and_d3_demo_take_an_edge_strategy():
     from deploy.cli import build_parser
 
     parser = build_parser()
-    assert parser.parse_args(["demo"]).edge_strategy == "auto"
+    assert parser.parse_args(["demo"]).edge_strategy == "tiles"
     assert parser.parse_args(["demo", "--edge-strategy", "zones"]).edge_strategy == "zones"
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--edge-strategy", "nope"])

@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 
-def add_edge_strategy_argument(parser: argparse.ArgumentParser) -> None:
+def add_edge_strategy_argument(parser: argparse.ArgumentParser, default: str = "auto") -> None:
     from partitioner.edge_strategies import STRATEGY_NAMES
 
-    parser.add_argument("--edge-strategy", default="auto", choices=STRATEGY_NAMES,
-                        help="how the edge segment is spread over the edge nodes (default: auto = the "
-                             "strategy with the lowest predicted latency)")
+    parser.add_argument("--edge-strategy", default=default, choices=STRATEGY_NAMES,
+                        help=f"how the edge segment is spread over the edge nodes (default: {default}; auto = "
+                             "the strategy with the lowest predicted latency)")
 
 
 def parse_speeds(text: str) -> list[float]:
