@@ -417,7 +417,6 @@ def channel_splittable(graph: ModelGraph, nodes: Sequence[str], allow_conv_first
     if not nodes:
         return None
     channels = channel_count(graph, nodes[-1])
-    members = set(nodes)
     for position, name in enumerate(nodes):
         record = graph.records[name]
         if channel_count(graph, name) != channels or not record.is_tensor:
