@@ -185,6 +185,9 @@ def test_cli_eval_json_and_bad_input(small_profile, capsys):
 
 
 @pytest.mark.root
+@pytest.mark.skipif(os.environ.get("CI") == "true" and not os.environ.get("D3_SLOW_TESTS"),
+                    reason="a calibration run inside a 25% CPU quota takes 3-5 minutes on a fresh venv; "
+                           "run with D3_SLOW_TESTS=1 (bench/predictor.py --quota measures the same)")
 def test_cpu_quota_cgroup_slows_a_child_and_calibration_sees_it(tmp_path):
     """25% of one CPU: a child's CPU-bound loop is throttled to 1/4; calibration there finds a ~4x scale."""
     from predictor.cgroup import CPU_CGROUP_ROOT, cgroup_unavailable_reason, cpu_quota_cgroup, run_in_cgroup
@@ -204,8 +207,8 @@ def test_cpu_quota_cgroup_slows_a_child_and_calibration_sees_it(tmp_path):
         throttled = float(run_in_cgroup(cgroup, spin, capture_output=True, text=True, check=True).stdout)
         stats = dict(line.split() for line in (cgroup / "cpu.stat").read_text().splitlines())
         run_in_cgroup(cgroup, [sys.executable, "-m", "deploy.cli", "predictor", "calibrate", "default", "--out",
-                               str(out), "--models", "resnet18", "--kernels", "10", "--rounds", "20"],
-                      check=True, capture_output=True, timeout=180)
+                               str(out), "--models", "resnet18", "--kernels", "10", "--rounds", "10"],
+                      check=True, capture_output=True, timeout=600)
     assert not cgroup.exists() and not any(p.name == cgroup.name for p in CPU_CGROUP_ROOT.iterdir())
     assert throttled > 1.2 and int(stats["nr_throttled"]) > 0, (throttled, stats)
     calibrated = load_predictor(out)
