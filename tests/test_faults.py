@@ -13,10 +13,12 @@ import pytest
 from partitioner.cost import Links, TierModels
 from tests.test_security import post, reference, split_plan, start_cloud
 from tiers import wire
-from tiers.demo import LocalCluster, edge_status
+from tiers.demo import edge_status
 from tiers.device import Client
 from tiers.failover import FailoverClient
 from tiers.wire import Message
+
+from conftest import fast_failing_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:The given buffer is not writable")]
 SHAPE = (1, 3, 64, 64)
@@ -25,14 +27,7 @@ TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    local = LocalCluster.create(edge_nodes=3, edge_slowdown=1.0, device_slowdown=1.0,
-                                workdir=str(tmp_path_factory.mktemp("faults")),
-                                extra_edge_args=["--peer-timeout", "1.0", "--tile-timeout", "2"])
-    try:
-        local.start(timeout_s=90)
-        yield local
-    finally:
-        local.stop()
+    yield from fast_failing_cluster(tmp_path_factory, "faults")
 
 
 def failover_client(cluster, **kwargs) -> FailoverClient:

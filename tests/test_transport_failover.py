@@ -9,9 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.test_security import SHAPE, reference, split_plan
-from tiers.demo import LocalCluster
 from tiers.device import TierError
 from tiers.failover import BasicClient, FailoverClient
+
+from conftest import fast_failing_cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:The given buffer is not writable")]
 TOLERANCE = 1e-4
@@ -20,14 +21,7 @@ DEADLINE_S = 20.0
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    local = LocalCluster.create(edge_nodes=3, edge_slowdown=1.0, device_slowdown=1.0,
-                                workdir=str(tmp_path_factory.mktemp("coordinator")),
-                                extra_edge_args=["--peer-timeout", "1.0", "--tile-timeout", "2"])
-    try:
-        local.start(timeout_s=90)
-        yield local
-    finally:
-        local.stop()
+    yield from fast_failing_cluster(tmp_path_factory, "coordinator")
 
 
 def test_the_failover_client_is_what_d3_infer_builds_on():
