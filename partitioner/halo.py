@@ -21,13 +21,14 @@ with. Measured sources and what a tile does about each (torch 2.x CPU, oneDNN 3.
   pointwise ops get contiguous crops (not in-place ones: their view is how the write reaches the map).
 - aten picks oneDNN or its own im2col+GEMM conv from the map size and thread count, so a small tile can
   switch algorithm: the tile asks aten which backend the untiled map gets and forces that one.
-- oneDNN's 1x1 conv blocks its channel reduction by output height (<= 10, 11..27, >= 28 rows): a 1x1
-  tile is laid out as a map in the untiled height's class (it treats pixels independently), and a strided
-  one is subsampled first when oneDNN does the same (checked once per conv on random data).
+- oneDNN's 1x1 conv blocks its channel reduction by output height (<= 10, 11..27, >= 28 rows) and, for
+  some pixel counts, by the count: a 1x1 tile's pixels are laid out as a map as tall as the untiled one,
+  in a width checked once per conv and pixel count on random data (it treats pixels independently), and a
+  strided one is subsampled first when oneDNN does the same (checked the same way).
 - aten's GEMM conv (small maps only) rounds by map width: those tiles run on a whole-size zero map.
 What is left: the tile's blocked kernels can still differ where no layout reproduces the untiled call
-(e.g. strided 1x1 convs on odd maps that oneDNN does not compact, 1x1 convs over width-split tiles); the
-result then differs by float rounding only (~1 ulp per conv).
+(e.g. strided 1x1 convs on odd maps that oneDNN does not compact); the result then differs by float
+rounding only (~1 ulp per conv). On the zoo's models at the sizes tested none is left (AVX-512).
 """
 from __future__ import annotations
 
@@ -235,17 +236,20 @@ class TileOp:
         return result[..., out[0][0]:, out[1][0]:]
 
     def _pointwise_conv(self, out: Region, x: torch.Tensor, stride: tuple[int, int]) -> torch.Tensor:
-        """A 1x1 conv on oneDNN: its reduction blocking (and so its rounding) follows the output height
-        (thresholds at 10 and 28 rows in jit_avx512_common_1x1), not the tile's. A 1x1 conv treats pixels
-        independently, so lay the tile's pixels out as a map about as tall as the untiled output."""
+        """A 1x1 conv (oneDNN or aten GEMM): its blocking (and so its rounding) follows the map's shape (see
+        :func:`pointwise_layout`), not the tile's. A 1x1 conv treats pixels independently, so lay the
+        tile's pixels out in a map shape that rounds like the untiled one."""
         conv = self.module
         rows, cols = region_shape(out)
         x = x[..., ::stride[0], ::stride[1]][..., :rows, :cols]  # the pixels the windows read
         batch, channels = x.shape[:2]
-        height = _nearest_divisor(rows * cols, self.output_size[0])
-        y = torch.ops.aten.mkldnn_convolution(x.contiguous().reshape(batch, channels, height, -1), conv.weight,
-                                              conv.bias, (0, 0), (1, 1), (1, 1), conv.groups)
-        return y.reshape(batch, -1, rows, cols)
+        pixels = rows * cols
+        height, width = pointwise_layout(conv, self.input_sizes[0], self.output_size, pixels, batch, x.dtype)
+        # zero pixels fill the map's last columns
+        flat = x.new_zeros((batch, channels, height * width))
+        flat[..., :pixels] = x.reshape(batch, channels, pixels)
+        y = _unit_pointwise(conv, flat.reshape(batch, channels, height, width), self.input_sizes[0])
+        return y.reshape(batch, y.shape[1], height * width)[..., :pixels].reshape(batch, -1, rows, cols)
 
     def _conv_like_untiled(self, x: torch.Tensor, padding: tuple[int, int], stride: tuple[int, int],
                            dilation: tuple[int, int]) -> torch.Tensor:
@@ -303,7 +307,7 @@ def conv_strategy(conv: nn.Conv2d, input_size: tuple[int, int], batch: int, dtyp
     slow = backend in (torch._C._ConvBackend.Slow2d, torch._C._ConvBackend.SlowDilated2d)
     if slow and conv.in_channels * input_size[0] * input_size[1] <= SMALL_MAP_ELEMENTS:
         return "embed"
-    if backend == torch._C._ConvBackend.Mkldnn and conv.kernel_size == (1, 1) and conv.groups == 1 and \
+    if backend in _POINTWISE_BACKENDS and conv.kernel_size == (1, 1) and conv.groups == 1 and \
             _padding_free(conv) and (conv.stride == (1, 1) or _compacting_is_exact(conv, input_size, batch, dtype)):
         return "pointwise"
     return "native"
@@ -314,37 +318,66 @@ def _padding_free(conv: nn.Conv2d) -> bool:
 
 
 def _compacting_is_exact(conv: nn.Conv2d, input_size: tuple[int, int], batch: int, dtype: torch.dtype) -> bool:
-    """Whether oneDNN's strided 1x1 conv on the whole map rounds like a 1x1 conv on its subsampled pixels
-    (it does when oneDNN compacts the input first, "reduce to unit stride"). Checked once on random data:
-    a different reduction order shows in some of the thousands of outputs."""
+    """Whether the strided 1x1 conv on the whole map rounds like a 1x1 conv on its subsampled pixels (it
+    does when oneDNN compacts the input first, "reduce to unit stride"). Checked once on random data: a
+    different reduction order shows in some of the thousands of outputs."""
     key = ("compact", id(conv), input_size, batch, dtype, torch.get_num_threads())
     if key not in _BACKENDS:
         generator = torch.Generator().manual_seed(0)
         x = torch.randn((batch, conv.in_channels) + tuple(input_size), generator=generator).to(dtype)
         with torch.no_grad():
             compact = x[..., ::conv.stride[0], ::conv.stride[1]].contiguous()
-            _BACKENDS[key] = torch.equal(conv(x), torch.ops.aten.mkldnn_convolution(
-                compact, conv.weight, conv.bias, (0, 0), (1, 1), (1, 1), conv.groups))
+            _BACKENDS[key] = torch.equal(conv(x), _unit_pointwise(conv, compact, input_size))
     return _BACKENDS[key]
 
 
-def _height_class(rows: int) -> int:
-    """oneDNN's 1x1 conv picks its reduction blocking by output height: <= 10, 11..27 or >= 28 rows."""
-    return 0 if rows <= 10 else 1 if rows < 28 else 2
+def pointwise_layout(conv: nn.Conv2d, input_size: tuple[int, int], output_size: tuple[int, int], pixels: int,
+                     batch: int, dtype: torch.dtype) -> tuple[int, int]:
+    """The (height, width) map to lay ``pixels`` tile pixels out in so the untiled 1x1 conv's backend
+    rounds them as it rounds the untiled map. oneDNN blocks its reduction by output height class and, for
+    some pixel counts (e.g. multiples of 512), by the count; aten's GEMM conv switches kernels below some
+    pixel count. So candidates as tall as the untiled map and progressively wider are checked once on
+    random data (the blocking does not depend on the data, and a different one shows in some of the
+    thousands of outputs). The untiled width always qualifies."""
+    height, full_width = output_size
+    key = ("layout", id(conv), input_size, pixels, batch, dtype, torch.get_num_threads())
+    if key not in _BACKENDS:
+        first = -(-pixels // height)
+        candidates = list(range(first, min(first + 4, full_width)))
+        width = first + 4
+        while width < full_width:
+            candidates.append(width)
+            width *= 2
+        _BACKENDS[key] = (height, full_width)
+        x, y = _pointwise_reference(conv, input_size, output_size, batch, dtype)
+        for width in candidates:
+            count = height * width
+            with torch.no_grad():
+                candidate = _unit_pointwise(conv, x[..., :count].reshape(batch, -1, height, width), input_size)
+            if torch.equal(candidate.reshape(batch, y.shape[1], count), y[..., :count]):
+                _BACKENDS[key] = (height, width)
+                break
+    return _BACKENDS[key]
 
 
-def _nearest_divisor(count: int, target: int) -> int:
-    """The divisor of ``count`` closest to ``target`` within its height class (see ``_height_class``)."""
-    def rank(divisor: int) -> tuple[bool, int, int]:
-        return _height_class(divisor) != _height_class(target), abs(divisor - target), -divisor
+def _unit_pointwise(conv: nn.Conv2d, x: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
+    """``conv`` as a stride-1 1x1 conv of ``x``, on the backend aten picks for the untiled map."""
+    backend = untiled_conv_backend(conv, input_size, x.shape[0], x.dtype)
+    return _FORCEABLE_BACKENDS[backend](x, conv, (1, 1), (0, 0), (1, 1))
 
-    best = 1
-    for candidate in range(1, math.isqrt(count) + 1):
-        if count % candidate == 0:
-            for divisor in (candidate, count // candidate):
-                if rank(divisor) < rank(best):
-                    best = divisor
-    return best
+
+def _pointwise_reference(conv: nn.Conv2d, input_size: tuple[int, int], output_size: tuple[int, int], batch: int,
+                         dtype: torch.dtype):
+    """Random pixels (flattened) and the untiled-shape 1x1 conv of them, once per conv and shape."""
+    key = ("pointwise-reference", id(conv), input_size, batch, dtype, torch.get_num_threads())
+    if key not in _BACKENDS:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn((batch, conv.in_channels) + tuple(output_size), generator=generator).to(dtype)
+        with torch.no_grad():
+            y = _unit_pointwise(conv, x, input_size)
+        pixels = output_size[0] * output_size[1]
+        _BACKENDS[key] = (x.reshape(batch, -1, pixels), y.reshape(batch, -1, pixels))
+    return _BACKENDS[key]
 
 
 def _per_group(function):
@@ -357,6 +390,8 @@ def _per_group(function):
         return torch.cat([function(*args, stride, padding, dilation) for args in zip(xs, ws, bs)], 1)
     return run
 
+
+_POINTWISE_BACKENDS = (torch._C._ConvBackend.Mkldnn, torch._C._ConvBackend.Slow2d)
 
 _FORCEABLE_BACKENDS = {
     torch._C._ConvBackend.Mkldnn: lambda x, conv, stride, padding, dilation: torch.ops.aten.mkldnn_convolution(
