@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+# oneDNN keeps 1024 conv primitives by default: a profile of the zoo plus a sweep holds more, and every
+# eviction re-creates a primitive inside a timed kernel (+14-26% on segments). Read at its first conv.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "65536")
 
 # The zoo the default predictor is fitted on (the conftest's ZOO_MODELS).
 DEFAULT_TRAINING_MODELS = ("alexnet", "vgg16", "resnet18", "resnet50", "googlenet", "mobilenet_v2", "inception_v3",
@@ -37,8 +42,9 @@ def add_commands(subparsers) -> None:
                          help="time segments of these models only (default: every MODEL)")
     profile.add_argument("--no-kernels", action="store_true", help="segments only (e.g. on a throttled tier)")
     profile.add_argument("--threads", type=int, default=1, help="torch threads of this tier (default 1)")
-    profile.add_argument("--rounds", type=int, default=15,
-                         help="in-context passes over each model's kernels (median kept); segments get min(rounds, 7)")
+    profile.add_argument("--rounds", type=int, default=25,
+                         help="in-context passes over each model's kernels, and samples per segment (lower "
+                              "quartile kept)")
     profile.add_argument("--min-sample-ms", type=float, default=0.0,
                          help="repeat a segment call until a sample lasts this long (0: one call; use >= 300 under "
                               "a CPU quota so a sample spans several 100 ms quota periods)")
@@ -57,6 +63,8 @@ def add_commands(subparsers) -> None:
     fit.add_argument("profiles", nargs="+", metavar="PROFILE")
     fit.add_argument("--out", required=True, metavar="PREDICTOR", help="predictor JSON to write")
     fit.add_argument("--exclude", type=_names, default=(), metavar="M1,M2", help="leave these models out")
+    fit.add_argument("--with-sweeps", action="store_true",
+                     help="also fit on the synthetic sweep kernels (off: they biased zoo predictions upward)")
     fit.add_argument("--families", type=_names, default=None, metavar="F1,F2",
                      help="candidate families (default: linear,ridge_log,forest_log,gbrt_log)")
     fit.add_argument("--json", action="store_true")
@@ -98,7 +106,7 @@ def _settings(args):
     if args.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
     torch.set_num_threads(args.threads)
-    return ProfileSettings(threads=args.threads, rounds=args.rounds, segment_rounds=max(1, min(args.rounds, 7)),
+    return ProfileSettings(threads=args.threads, rounds=args.rounds, segment_rounds=args.rounds,
                            min_sample_s=args.min_sample_ms / 1e3, fuse=not args.per_node, seed=args.seed,
                            clock=args.clock)
 
@@ -148,7 +156,8 @@ def run_fit(args: argparse.Namespace) -> int:
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
         raise ValueError(f"unknown families {unknown}; choose from {list(FAMILIES)}")
-    predictor = fit_predictor(read_profiles(args.profiles), tuple(args.exclude), tuple(families))
+    predictor = fit_predictor(read_profiles(args.profiles), tuple(args.exclude), tuple(families),
+                              with_sweeps=args.with_sweeps)
     predictor.save(args.out)
     summary = _summary(predictor)
     if args.json:

@@ -15,7 +15,7 @@ faster) so that what was profiled is what runs.
 Everything timed is an fx ``GraphModule`` made by ``partitioner.segments.extract_subgraph`` (a kernel is
 a one-kernel segment), called under ``torch.no_grad`` at a fixed thread count. Timing on a shared machine
 is noisy, so calls are measured *interleaved*: each round times every call once, and a call's time is
-the median over rounds. Kernels are timed *in context* (``measure_chain``): each pass runs a model's
+the lower quartile over rounds (``_typical``). Kernels are timed *in context* (``measure_chain``): each pass runs a model's
 kernels in order on each other's outputs, as a segment does. A call shorter than ``min_sample_s`` can be
 repeated inside one sample (default 0: one call, as the runtime makes it). Under a CPU quota (CFS), ``min_sample_s`` should span a few quota
 periods so a sample averages over throttling instead of landing on one side of it.
@@ -30,6 +30,7 @@ import functools
 import gc
 import json
 import math
+import os
 import platform
 import random
 import socket
@@ -54,8 +55,8 @@ DEFAULT_THREADS = 1
 @dataclass
 class ProfileSettings:
     threads: int = DEFAULT_THREADS
-    rounds: int = 15  # in-context passes over a model's kernels; each kernel's median is kept
-    segment_rounds: int = 7  # interleaved samples per segment
+    rounds: int = 25  # in-context passes over a model's kernels; each kernel's lower quartile is kept
+    segment_rounds: int = 25  # samples per segment (rounds over all segments)
     min_sample_s: float = 0.0  # 0: one call per sample (cold-ish caches, as the runtime calls a segment)
     fuse: bool = True
     seed: int = 0
@@ -200,9 +201,12 @@ def random_slices(node_count: int, count: int, rng: random.Random) -> list[tuple
     return sorted(slices)
 
 
-def _median(samples: list[float]) -> float:
+def _typical(samples: list[float]) -> float:
+    """The lower quartile of a call's samples. On this shared VM the CPU time of one resnet50 pass varied
+    from 98 to 177 ms across 30 rounds; noise only adds time, and per-kernel medians of a long pass then
+    disagreed with segment medians by up to +11%, while lower quartiles agreed within 2% run to run."""
     ordered = sorted(samples)
-    return ordered[len(ordered) // 2]
+    return ordered[len(ordered) // 4]
 
 
 def _touch(args: Iterable[Any]) -> None:
@@ -214,48 +218,60 @@ def _touch(args: Iterable[Any]) -> None:
 
 
 class ChainJob:
-    """One model's kernels timed *in context*: each pass runs them in program order on each other's
-    outputs, one call each, as a segment runs them (the input a kernel reads was just written by its
-    producer; its weights were evicted by the kernels between). Timing a kernel on a loop of itself
-    keeps weights and input hot and underestimated MobileNetV2 segments by 13%. Also times an empty
-    segment call per pass: the per-call overhead."""
+    """One model's kernels timed *in context*: each pass runs them as one segment runs them (a single
+    GraphModule, the generated code freeing each value after its last reader), with a time stamp taken
+    before each kernel's first node; a kernel's time is the gap to the next stamp. So the kernels' times
+    of a slice add up to the slice's segment time less one per-call overhead, which is also timed per
+    pass (an empty segment call). Timing each kernel as its own GraphModule instead added a cold module
+    call per kernel (+10-40% on segments of small kernels); timing a kernel on a loop of itself keeps
+    weights and input hot and underestimated MobileNetV2 segments by 13%."""
 
     def __init__(self, graph: ModelGraph, kernel_list, x: torch.Tensor, clock: str):
         self.graph, self.kernels, self.now = graph, list(kernel_list), CLOCKS[clock]
-        self.steps = []
-        last_use: dict[str, int] = {}
-        for index, kernel in enumerate(self.kernels):
-            inputs, outputs = slice_io(graph, kernel.nodes)
-            self.steps.append((extract_subgraph(graph.module, kernel.nodes, inputs, outputs), inputs, outputs))
-            last_use.update({name: index for name in inputs})
-        # Free each value after its last reader, as a segment's generated code does: keeping every
-        # activation alive defeats buffer reuse and made the chain 14% slower than the segment it models.
-        self.dead_after: list[list[str]] = [[] for _ in self.steps]
-        for name, index in last_use.items():
-            self.dead_after[index].append(name)
-        self.fixed = {name: x for name in graph.input_names}
+        nodes = [name for kernel in self.kernels for name in kernel.nodes]
+        inputs, outputs = slice_io(graph, sorted(nodes, key=graph.order.index))
+        self.stamps = [0.0] * (len(self.kernels) + 1)
+        self.module = _stamped_module(graph, self.kernels, inputs, outputs, self._stamp)
+        self.args = [x if name in graph.input_names else None for name in inputs]
+        if any(arg is None for arg in self.args):
+            values = capture_values(graph, x)
+            self.args = [values[name] for name in inputs]
         self.empty = empty_call(x)
-        self.samples: list[list[float]] = [[] for _ in self.steps]
+        self.samples: list[list[float]] = [[] for _ in self.kernels]
         self.overheads: list[float] = []
 
+    def _stamp(self, index: int) -> None:
+        self.stamps[index] = self.now()
+
     def step(self, record: bool = True) -> None:
-        now, values = self.now, dict(self.fixed)
+        now = self.now
         start = now()
         self.empty()
         overhead = now() - start
-        for index, (module, inputs, outputs) in enumerate(self.steps):
-            args = [values[name] for name in inputs]
-            start = now()
-            result = module(*args)
-            elapsed = now() - start
-            values.update(zip(outputs, result))
-            del result, args
-            for name in self.dead_after[index]:
-                values.pop(name, None)
-            if record:
-                self.samples[index].append(elapsed)
+        _touch(self.args)
+        self.module(*self.args)
         if record:
+            stamps = self.stamps
+            for index, samples in enumerate(self.samples):
+                samples.append(stamps[index + 1] - stamps[index])
             self.overheads.append(overhead)
+
+
+def _stamped_module(graph: ModelGraph, kernels, inputs: list[str], outputs: list[str],
+                    stamp: Callable[[int], None]) -> fx.GraphModule:
+    """The segment of ``kernels``' nodes with ``stamp(i)`` called before kernel i's first node and
+    ``stamp(len(kernels))`` before returning."""
+    nodes = [name for kernel in kernels for name in kernel.nodes]
+    module = extract_subgraph(graph.module, sorted(nodes, key=graph.order.index), inputs, outputs)
+    by_name = {node.name: node for node in module.graph.nodes}
+    for index, kernel in enumerate(kernels):
+        with module.graph.inserting_before(by_name[kernel.nodes[0]]):
+            module.graph.call_function(stamp, (index,))
+    output = next(node for node in module.graph.nodes if node.op == "output")
+    with module.graph.inserting_before(output):
+        module.graph.call_function(stamp, (len(kernels),))
+    module.recompile()
+    return module
 
 
 class CallsJob:
@@ -348,23 +364,30 @@ def profile_models(graphs: list[ModelGraph], settings: ProfileSettings, segments
         for graph in sweep_graphs(sweep, settings.seed):
             chains.append(ChainJob(graph, group_kernels(graph, settings.fuse), example_input(graph.input_shape), clock))
             jobs.append((chains[-1], settings.rounds))
-    run_jobs(jobs, "profiling " + ", ".join([g.name for g in graphs] + ([f"{sweep} sweep layers"] if sweep else [])),
-             progress)
+    label = ", ".join([g.name for g in graphs] + ([f"{sweep} sweep layers"] if sweep else []))
+    if os.environ.get("D3_PROFILE_PHASES"):
+        chain_jobs = [(job, count) for job, count in jobs if isinstance(job, ChainJob)]
+        call_jobs = [(job, count) for job, count in jobs if not isinstance(job, ChainJob)]
+        run_jobs(chain_jobs, f"kernels of {label}", progress)
+        run_jobs(call_jobs, f"segments of {label}", progress)
+    else:
+        run_jobs(jobs, f"profiling {label}", progress)
 
     records: list[dict] = []
     for chain in chains:
         base = {"model": chain.graph.name, "input_shape": list(chain.graph.input_shape)}
         if chain.graph.name.startswith("sweep_"):
             base["source"] = "sweep"
-        overhead = _median(chain.overheads)
+        overhead = _typical(chain.overheads)
         records.append({"type": "overhead", **base, "median_s": overhead})
         for kernel, samples in zip(chain.kernels, chain.samples):
-            raw = _median(samples)
+            # in-segment stamps already exclude the per-call overhead: raw and net are the same
+            raw = _typical(samples)
             records.append({"type": "kernel", **base, "nodes": kernel.nodes, "kind": kernel.kind,
-                            "features": kernel.features, "raw_s": raw, "net_s": max(raw - overhead, 0.0)})
+                            "features": kernel.features, "raw_s": raw, "net_s": raw})
     for graph, slices, job in segment_jobs:
         base = {"model": graph.name, "input_shape": list(graph.input_shape)}
-        medians = [_median(s) for s in job.samples]
+        medians = [_typical(s) for s in job.samples]
         if not kernels:
             records.append({"type": "overhead", **base, "median_s": medians[0]})
         for (a, b), median in zip(slices, medians[1:]):

@@ -37,11 +37,11 @@ def test_links_from_traces_carry_the_trace_rtts():
     assert 0.0 < shaper.delay_s < 0.2  # half the trace's RTT, paid per message
 
 
-def test_output_check_uses_the_scale_of_the_output():
+def test_output_check_is_absolute_whatever_the_scale_of_the_output():
     reference = torch.tensor([[100.0, -3.0, 5.0]])
-    assert tolerance(reference) == pytest.approx(1e-3)
+    assert tolerance(reference) == pytest.approx(1e-5)
     diff, same = output_check(reference + 5e-4, reference)
-    assert diff == pytest.approx(5e-4, rel=2e-2) and same
+    assert diff == pytest.approx(5e-4, rel=2e-2) and same and diff > tolerance(reference)
     assert output_check(torch.tensor([[0.0, 0.0, 200.0]]), reference)[1] is False
 
 
@@ -55,9 +55,9 @@ def test_demo_prints_every_strategy_and_checks_every_output(capsys):
     assert status == 0, out
     table = out[out.index("strategy "):]
     for strategy in DEFAULT_STRATEGIES:
-        row = re.search(rf"^{strategy} +([\d.]+) +([\d.]+)x +([\d.e+-]+) +([\d.e+-]+) +same ", table, re.M)
+        row = re.search(rf"^{strategy} +([\d.]+) +([\d.]+)x +([\d.e+-]+) +same ", table, re.M)
         assert row, f"{strategy} missing from the table:\n{table}"
         assert float(row.group(1)) > 0
-        assert float(row.group(3)) <= 1e-5 * 10  # resnet18 logits at this size stay well under 10
+        assert float(row.group(3)) <= 1e-5
     assert "outputs within the tolerance" in out
     assert len(re.findall(r"^    #\d plan v\d+ +d3 ", out, re.M)) == 2  # per-request lines for D3

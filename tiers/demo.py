@@ -291,9 +291,14 @@ def output_check(output, reference) -> tuple[float, bool]:
     return diff, same
 
 
+# The tiles reproduce the untiled kernels' rounding (partitioner/halo.py): a diff is 0 where the tiers run
+# at the reference's thread count and ISA; 1e-5 absolute is what the issue allows otherwise.
+MAX_ABS_DIFF = 1e-5
+
+
 def tolerance(reference) -> float:
-    """The project's tolerance for tiled output: 1e-5 x the output's scale (at least 1)."""
-    return 1e-5 * max(1.0, float(reference.abs().max()))
+    """The largest max abs diff an output may have against the local model's (absolute, at any scale)."""
+    return MAX_ABS_DIFF
 
 
 def warm_client(client, x, max_requests: int = 6) -> None:
@@ -446,13 +451,12 @@ def same_plan_as(clients: dict) -> dict[str, str]:
 
 def print_summary(results: dict, reference, elapsed_s: float) -> None:
     d3 = results["d3"].median_ms if "d3" in results else None
-    scale = max(1.0, float(reference.abs().max()))
     print()
-    print(f"{'strategy':<14} {'median ms':>10} {'vs d3':>7} {'max abs diff':>13} {'diff/scale':>11} {'top-1':>6}  plan")
+    print(f"{'strategy':<14} {'median ms':>10} {'vs d3':>7} {'max abs diff':>13} {'top-1':>6}  plan")
     for name, result in results.items():
         ratio = f"{result.median_ms / d3:.2f}x" if d3 else "-"
         print(f"{name:<14} {result.median_ms:>10.1f} {ratio:>7} {result.max_abs_diff:>13.2e} "
-              f"{result.max_abs_diff / scale:>11.1e} {'same' if result.same_top1 else 'DIFF':>6}  "
+              f"{'same' if result.same_top1 else 'DIFF':>6}  "
               f"{describe_plan(result.plan)}{f'  (same plan as {result.same_as})' if result.same_as else ''}")
     others = {k: v.median_ms for k, v in results.items() if k != "d3"}
     if d3 is not None and others:
@@ -463,5 +467,5 @@ def print_summary(results: dict, reference, elapsed_s: float) -> None:
     worst = max(r.max_abs_diff for r in results.values())
     within = all(r.max_abs_diff <= tolerance(reference) and r.same_top1 for r in results.values())
     print(f"{verdict}; outputs {'within' if within else 'OUTSIDE'} the tolerance (max abs diff {worst:.1e} "
-          f"<= 1e-5 x max(1, max|y|) = {tolerance(reference):.1e}, same top-1); output scale max|y| "
-          f"{float(reference.abs().max()):.3g}; demo took {elapsed_s:.0f} s")
+          f"<= {tolerance(reference):.0e}, same top-1; {'bit-exact' if worst == 0 else 'not bit-exact'}); "
+          f"output scale max|y| {float(reference.abs().max()):.3g}; demo took {elapsed_s:.0f} s")
