@@ -61,7 +61,14 @@ def test_a_collapsed_device_edge_link_moves_the_work_away_and_back(cluster):
     with failover_client(cluster, shapers={"device_edge": link}) as client:
         assert client.uses("edge")
         warm(client, x, expected)
-        assert client.uses("edge") and not client.down
+        # a cold tier's first answers can be slow enough to price the edge out for a moment: go on until
+        # the healthy plan is back on the edge (what this test starts from), within a deadline
+        deadline = time.monotonic() + 60
+        while not client.uses("edge") or client.down:
+            assert time.monotonic() < deadline, f"the healthy plan never settled on the edge (down: {client.down})"
+            warm(client, x, expected, requests=1)
+            time.sleep(0.2)
+        faults_before, recoveries_before = dict(client.faults), dict(client.recoveries)
         link.set_rate(1e3)  # ~0: a 48 KB input would take minutes
         started = time.monotonic()
         output = client.infer(x)  # the try over the dead link times out, the retry avoids the edge
@@ -76,10 +83,10 @@ def test_a_collapsed_device_edge_link_moves_the_work_away_and_back(cluster):
         while "edge" in client.down:  # the watcher's probes get through again
             assert time.monotonic() < deadline, "edge link never came back"
             time.sleep(0.1)
-        assert client.recoveries == {"edge": 1}
+        assert client.recoveries.get("edge", 0) == recoveries_before.get("edge", 0) + 1
         assert client.links.bps["device_edge"] > 5e6  # re-measured at full speed, no longer priced at ~0
         assert (client.infer(x) - expected).abs().max().item() <= TOLERANCE
-        assert client.faults == {"try_timeout": 1}
+        assert client.faults.get("try_timeout", 0) == faults_before.get("try_timeout", 0) + 1
 
 
 def test_cloud_down_for_10_s_every_request_answered_then_back_to_the_cloud_plan(cluster):
