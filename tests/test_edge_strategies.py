@@ -118,6 +118,31 @@ def test_auto_picks_the_lowest_predicted_strategy():
     assert plan.strategy == min(candidates, key=candidates.get)
 
 
+def test_auto_at_run_time_tries_the_best_predicted_then_keeps_the_measured_fastest():
+    from partitioner.edge_strategies import plan_all
+    from partitioner.edge_strategies.online import OnlineSelector
+
+    graph, segmented, _, _ = _setup("googlenet", (1, 3, 112, 112))
+    edge = segmented.edge
+    plans = plan_all(graph, edge.node_names, edge.input_names, edge.output_names, (1.0, 0.5, 0.25))
+    selector = OnlineSelector.from_plans(plans)
+    ranked = sorted(plans, key=lambda name: plans[name].predicted_ms)
+    assert selector.candidates[:3] == ranked[:3] and "tiles" in selector.candidates
+    tried = []
+    for _ in selector.candidates:  # one request each, best predicted first
+        plan = selector.choose()
+        tried.append(plan.strategy)
+        # measured: the third-ranked candidate is by far the fastest (as zones was on throttled nodes)
+        selector.record(plan.strategy, 0.05 if plan.strategy == ranked[2] else 0.2)
+    assert tried == selector.candidates
+    assert selector.choose().strategy == ranked[2]
+    for _ in range(5):  # it gets slower (a busy node): the next fastest takes over
+        selector.record(ranked[2], 0.5)
+    assert selector.choose().strategy != ranked[2]
+    selector.record("hetero_lp" if "hetero_lp" not in selector.candidates else "nope", 0.001)  # not a candidate
+    assert selector.choose().strategy in selector.candidates
+
+
 def test_lp_shares_equalise_finish_times_and_price_the_link():
     speeds = [1.0, 0.5, 0.25]
     shares, finish = lp_shares([1.0 / s for s in speeds], [0.0] * 3, [0.0] * 3)

@@ -4,7 +4,8 @@ concurrent requests).
 
 The node a device sends a request to coordinates it: it plans the edge segment for the live nodes' speeds
 with the plan's edge strategy (``partitioner.edge_strategies.plan_edge``: tiles, hetero_lp, zones, dpfl,
-auction, iop or auto; cached per plan, strategy and node speeds), runs it with ``run_edge_plan`` whose
+auction, iop; cached per plan, strategy and node speeds; ``auto`` plans them all and measures the best
+predicted few on live requests, see ``partitioner/edge_strategies/online.py``), runs it with ``run_edge_plan`` whose
 ``item_runner`` sends each work item to the node the strategy chose (itself included), combines, then forwards the cloud segment's inputs to the cloud endpoint
 over HTTP (or answers the device at once when the cloud segment is empty). Nodes announce themselves
 and their speed every ``heartbeat_s``; a peer silent for ``peer_timeout_s`` leaves the tiling, and a tile
@@ -74,6 +75,7 @@ class EdgeDaemon:
         self.executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix=f"{config.name}")
         self._pending: dict[str, asyncio.Future] = {}
         self._tilings: dict[tuple, object] = {}  # (plan digest, strategy, node speeds) -> EdgePlan
+        self._selectors: dict[tuple, object] = {}  # the same key, strategy "auto" -> OnlineSelector
         self._cloud_plans: set[str] = set()  # plan ids the cloud has been sent
         self._tasks: list[asyncio.Task] = []
         self.tiles_rerun = 0
@@ -306,10 +308,17 @@ class EdgeDaemon:
         runner = self._tile_runner(entry, edge_plan, [name for name, _ in nodes])
         outputs, seconds = await self.loop.run_in_executor(
             self.executor, lambda: timed_run(lambda: run_edge_plan(entry.graph, edge_plan, values, runner)))
+        selector = self._selectors.get(self._tiling_key(entry, nodes))
+        if selector is not None:
+            selector.record(edge_plan.strategy, seconds)
         return outputs, seconds, edge_plan.strategy
 
     def edge_strategy_of(self, entry: PlanEntry) -> str:
         return self.config.edge_strategy or getattr(entry.plan, "edge_strategy", None) or "tiles"
+
+    def _tiling_key(self, entry: PlanEntry, nodes: list[tuple[str, float]]) -> tuple:
+        speeds = tuple(round(speed, 3) for _, speed in nodes)
+        return (wire.plan_digest(entry.plan_json), self.edge_strategy_of(entry), speeds)
 
     async def _tiling_for(self, entry: PlanEntry, nodes: list[tuple[str, float]]):
         """The edge segment planned by the plan's edge strategy for these nodes (node 0 = this one)."""
@@ -321,7 +330,18 @@ class EdgeDaemon:
         if strategy not in STRATEGY_NAMES:
             raise RequestError(f"unknown edge strategy {strategy!r}; this node runs {', '.join(STRATEGY_NAMES)}")
         speeds = tuple(round(speed, 3) for _, speed in nodes)
-        key = (wire.plan_digest(entry.plan_json), strategy, speeds)
+        key = self._tiling_key(entry, nodes)
+        if strategy == "auto":  # plan them all once, then measure the best predicted (see online.py)
+            if key not in self._selectors:
+                from partitioner.edge_strategies import plan_all
+                from partitioner.edge_strategies.online import OnlineSelector
+
+                segment = entry.segmented.edge
+                plans = await self.loop.run_in_executor(
+                    self.executor, lambda: plan_all(entry.graph, segment.node_names, segment.input_names,
+                                                    segment.output_names, list(speeds), self.config.edge_link_bps))
+                self._selectors[key] = OnlineSelector.from_plans(plans)
+            return self._selectors[key].choose()
         if key not in self._tilings:
             segment = entry.segmented.edge
             self._tilings[key] = await self.loop.run_in_executor(

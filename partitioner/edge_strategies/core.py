@@ -64,6 +64,27 @@ class CostModel:
         return self.compute_s(base_s, node) + self.transfer_s(moved_bytes) + self.per_item_overhead_s
 
 
+def default_latency_model():
+    """Seconds per node on a speed-1 edge node: the predictor shipped for this machine (1 torch thread, as
+    the daemons run), else a FLOP rate. The FLOP rate's 20 GFLOP/s is ~4x slower than this machine's
+    convs, which made per-item overheads look negligible and ``auto`` favour many small items (it picked
+    the measured winner for 1 model of 4)."""
+    global _DEFAULT_LATENCY_MODEL
+    if _DEFAULT_LATENCY_MODEL is None:
+        try:
+            from predictor.registry import load_predictor
+
+            _DEFAULT_LATENCY_MODEL = load_predictor("default")
+        except (OSError, ValueError):
+            from predictor.base import FlopRateModel
+
+            _DEFAULT_LATENCY_MODEL = FlopRateModel()
+    return _DEFAULT_LATENCY_MODEL
+
+
+_DEFAULT_LATENCY_MODEL = None
+
+
 def make_cost_model(graph: ModelGraph, node_speeds: Sequence[float], link_bps: float = DEFAULT_LINK_BPS,
                     latency_model=None, item_overhead_s: float | None = None) -> CostModel:
     speeds = [float(s) for s in node_speeds]
@@ -75,9 +96,7 @@ def make_cost_model(graph: ModelGraph, node_speeds: Sequence[float], link_bps: f
     if not (math.isfinite(link_bps) and link_bps > 0):
         raise ValueError(f"link_bps must be a positive number of bits/s, got {link_bps}")
     if latency_model is None:
-        from predictor.base import FlopRateModel
-
-        latency_model = FlopRateModel()
+        latency_model = default_latency_model()
     overhead = DEFAULT_ITEM_OVERHEAD_S if item_overhead_s is None else float(item_overhead_s)
     if not (math.isfinite(overhead) and overhead >= 0):
         raise ValueError(f"item overhead must be >= 0 seconds, got {item_overhead_s}")
