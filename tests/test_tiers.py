@@ -218,3 +218,30 @@ def test_cluster_file_errors_are_one_clear_line(tmp_path):
     cluster = load_cluster("deploy/examples/local.toml")
     assert [e.name for e in cluster.edges] == ["edge0", "edge1", "edge2"]
     assert cluster.cloud_host_port == ("127.0.0.1", 8700)
+
+
+def test_the_planner_learns_a_tier_slower_than_its_model_and_moves_work_off_it():
+    """A tiled edge measured 2x its prediction: the correction converges to ~2 (the prediction already holds
+    the current factor), and a re-plan with it stops putting the work where it is now too slow."""
+    from partitioner.cost import Links, TierModels
+    from tiers.device import COMPUTE_TIERS, RequestTiming, _Planner, learned_compute_factors
+
+    factors = {tier: 1.0 for tier in COMPUTE_TIERS}
+    for _ in range(12):
+        predicted_edge_ms = 100.0 * factors["edge"]
+        timing = RequestTiming(0, "d3", edge_s=0.2, cloud_s=0.001)  # edge: truly 200 ms; cloud: too short
+        factors = learned_compute_factors(factors, {"edge": predicted_edge_ms, "cloud": 1.0}, timing)
+    assert factors["edge"] == pytest.approx(2.0, rel=0.01) and factors["cloud"] == 1.0 and factors["device"] == 1.0
+    assert learned_compute_factors({t: 1.0 for t in COMPUTE_TIERS}, {"edge": 10.0},
+                                   RequestTiming(0, "d3", edge_s=100.0))["edge"] == 4.0  # bounded
+
+    graph = zoo_graph("resnet18", (1, 3, 224, 224))
+    tiers = TierModels.default()
+    links = Links.mbps(100, 30, 30)  # a fast LAN to the edge, slower uplinks: the (modelled) edge computes
+    planner = _Planner(graph, None, links, tiers, (1.0, 1.0, 1.0))
+    on_edge = sum(1 for tier in planner.plan.assignment.values() if tier == "edge")
+    assert on_edge > 0, "the test needs a plan that uses the edge"
+    slower = {tier: planner.base_slowdowns[tier] * (4.0 if tier == "edge" else 1.0) for tier in COMPUTE_TIERS}
+    for _ in range(3):  # the re-partitioner's hysteresis wants a better plan to stay better for a while
+        plan = planner.update(links, slower)
+    assert sum(1 for tier in plan.assignment.values() if tier == "edge") < on_edge, plan.assignment

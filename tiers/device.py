@@ -71,6 +71,29 @@ class LinkEstimator:
         self.samples[link] = self.samples.get(link, 0) + 1
 
 
+COMPUTE_TIERS = ("device", "edge", "cloud")
+# Learning a tier's real speed from measured stage times: each request moves the correction halfway (in log
+# space) toward measured / predicted, within these bounds; stages predicted shorter than the floor say little.
+COMPUTE_LEARNING_RATE, COMPUTE_FACTOR_BOUNDS, COMPUTE_STAGE_FLOOR_MS = 0.5, (0.25, 4.0), 5.0
+
+
+def learned_compute_factors(factors: dict[str, float], stages_ms: dict | None,
+                            timing: RequestTiming) -> dict[str, float]:
+    """Each tier's measured compute against the plan's prediction for it, folded into that tier's
+    correction factor: the planner learns how much slower (or faster) a tier really is than its model
+    says, as it learns link bandwidths. (The tiled edge measured ~1.6x its prediction in the demo:
+    scatter/gather, processes sharing cores.) The prediction already includes the current factor, so
+    measured == predicted leaves it where it is."""
+    low, high = COMPUTE_FACTOR_BOUNDS
+    learned = dict(factors)
+    for tier in COMPUTE_TIERS:
+        predicted_ms, measured_s = (stages_ms or {}).get(tier, 0.0), getattr(timing, f"{tier}_s", 0.0)
+        if predicted_ms >= COMPUTE_STAGE_FLOOR_MS and measured_s > 0:
+            factor = learned[tier] * (measured_s * 1e3 / predicted_ms) ** COMPUTE_LEARNING_RATE
+            learned[tier] = min(high, max(low, factor))
+    return learned
+
+
 class _Planner:
     """The re-partitioner when the partition engineer's is installed; else plan_d3 re-run per update;
     else a fixed plan."""
@@ -85,6 +108,7 @@ class _Planner:
             from partitioner.repartition import Repartitioner
 
             self.repartitioner = Repartitioner(graph, tiers, links, edge_weights=tuple(edge_weights))
+            self.base_slowdowns = {tier: tiers.slowdown(tier) for tier in COMPUTE_TIERS}
             self.plan = self.repartitioner.plan
         except ImportError:
             from partitioner.hpa import plan_d3
@@ -92,11 +116,11 @@ class _Planner:
             self._replan = lambda links: plan_d3(graph, links, tiers, tuple(edge_weights))
             self.plan = self._replan(links)
 
-    def update(self, links) -> Plan:
+    def update(self, links, slowdowns: dict[str, float] | None = None) -> Plan:
         if self.fixed:
             return self.plan
         if self.repartitioner is not None:
-            self.plan = self.repartitioner.update(links=links)
+            self.plan = self.repartitioner.update(links=links, slowdowns=slowdowns)
             return self.plan
         candidate = self._replan(links)
         if candidate.assignment != self.plan.assignment:
@@ -133,6 +157,8 @@ class Client:
         self.planner: _Planner | None = None
         self.links = LinkEstimator()
         self.timings: list[RequestTiming] = []
+        # measured / predicted compute per tier, learned from requests (see _learn_compute)
+        self.compute_factors = {tier: 1.0 for tier in COMPUTE_TIERS}
         self._sent_plans: set[tuple[str, str]] = set()  # (tier, plan id) that tier has been sent
         self._plan_lock = threading.Lock()
         self._name = f"device-{next(self._ids)}-{uuid.uuid4().hex[:6]}"
@@ -232,14 +258,19 @@ class Client:
 
         return dataclasses.replace(plan, edge_strategy=self.edge_strategy)
 
+    def _learn_compute(self, plan: Plan, timing: RequestTiming) -> None:
+        self.compute_factors = learned_compute_factors(self.compute_factors, getattr(plan, "stages_ms", None), timing)
+
     def _replan(self) -> None:
         if not self.repartition or self.planner is None:
             return
         bps = self.links.bps
         links = self._links0.replace(device_edge_bps=bps["device_edge"], edge_cloud_bps=bps["edge_cloud"],
                                      device_cloud_bps=bps["device_cloud"])
+        base = getattr(self.planner, "base_slowdowns", None)
+        slowdowns = {tier: base[tier] * self.compute_factors[tier] for tier in COMPUTE_TIERS} if base else None
         with self._plan_lock:
-            self.planner.update(links)
+            self.planner.update(links, slowdowns)
 
     # ----------------------------------------------------------------------------------- inference
     def infer(self, x: torch.Tensor) -> Any:
@@ -283,6 +314,7 @@ class Client:
             values.update(reply.tensors)
         timing.total_s = time.perf_counter() - start
         self.timings.append(timing)
+        self._learn_compute(plan, timing)
         await self._loop.run_in_executor(None, self._replan)
         return segmented.assemble_output(values)
 
