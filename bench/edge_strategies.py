@@ -284,6 +284,7 @@ def _daemon_cluster(slowdowns: list[float], workdir: Path, quotas: list[float] |
 def measure_daemons(args) -> list[dict]:
     import tempfile
 
+    from deploy import cgroups
     from partitioner.edge_strategies import STRATEGY_NAMES
     from partitioner.plan import Plan
     from tiers.device import Client
@@ -313,9 +314,7 @@ def measure_daemons(args) -> list[dict]:
         try:
             local.start(timeout_s=300)
             pids = [local.processes[e.name].pid for e in local.cluster.edges]
-            for index, (pid, quota) in enumerate(zip(pids, quotas or [])):
-                from deploy import cgroups  # the daemon's threads all move with it; its start-up ran free
-
+            for index, (pid, quota) in enumerate(zip(pids, quotas or [])):  # its threads move with it
                 groups.append(f"d3-edgebench-{os.getpid()}-{index}")
                 cgroups.create(groups[-1], quota)
                 cgroups.add_pid(groups[-1], pid)
@@ -353,8 +352,6 @@ def measure_daemons(args) -> list[dict]:
             row["tolerance"] = 1e-5
         finally:
             local.stop()
-            from deploy import cgroups
-
             for group in groups:
                 cgroups.remove(group)
         rows.append(row)

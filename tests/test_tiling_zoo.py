@@ -26,22 +26,32 @@ def threads(request):
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("threads", [1, 2], indirect=True)
-@pytest.mark.parametrize("name", sorted(SHAPES))
-def test_one_to_eight_weighted_nodes_reproduce_the_model(name, threads):
-    graph = zoo_graph(name, SHAPES[name])
+def tiled_output(graph, segmented, x, weights, split="auto"):
+    """The model's output with its (whole-model) edge segment tiled over ``weights``."""
+    plan = plan_segment_tiling(graph, segmented.edge, weights, split=split)
+    with torch.no_grad():
+        values = {"x": x}
+        values.update(segmented.device.run(values))
+        values.update(run_edge_tiled(graph, plan, values))
+        return segmented.assemble_output(values)
+
+
+def whole_model_on_the_edge(name, shape):
+    graph = zoo_graph(name, shape)
     segmented = build_segments(graph, graph.prefix_assignment(0, len(graph.order)))
     x = example_input(graph.input_shape)
     with torch.no_grad():
         reference = graph.module(x)
+    return graph, segmented, x, reference
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_one_to_eight_weighted_nodes_reproduce_the_model(name, threads):
+    graph, segmented, x, reference = whole_model_on_the_edge(name, SHAPES[name])
     inexact = []
     for count in range(1, 9):
-        plan = plan_segment_tiling(graph, segmented.edge, WEIGHTS[:count])
-        with torch.no_grad():
-            values = {"x": x}
-            values.update(segmented.device.run(values))
-            values.update(run_edge_tiled(graph, plan, values))
-            out = segmented.assemble_output(values)
+        out = tiled_output(graph, segmented, x, WEIGHTS[:count])
         assert_matches_untiled(out, reference, f"{name} N={count}")
         if not torch.equal(out, reference):
             inexact.append(count)
@@ -50,26 +60,13 @@ def test_one_to_eight_weighted_nodes_reproduce_the_model(name, threads):
         assert not inexact, f"{name} at {threads} thread(s): not bit-exact for N={inexact}"
 
 
-def test_the_demo_size_of_resnet50_is_bit_exact_on_every_split():
+@pytest.mark.parametrize("threads", [1], indirect=True)
+def test_the_demo_size_of_resnet50_is_bit_exact_on_every_split(threads):
     """448x448 resnet50 (the demo's model) has 1x1 convs whose oneDNN blocking follows the pixel count:
     every split layout, at the demo tiers' single thread, must still give the untiled tensor."""
-    graph = zoo_graph("resnet50", (1, 3, 448, 448))
-    segmented = build_segments(graph, graph.prefix_assignment(0, len(graph.order)))
-    x = example_input(graph.input_shape)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            reference = graph.module(x)
-        for split, count in (("h", 3), ("w", 3), ("grid", 7)):
-            plan = plan_segment_tiling(graph, segmented.edge, WEIGHTS[:count], split=split)
-            with torch.no_grad():
-                values = {"x": x}
-                values.update(segmented.device.run(values))
-                values.update(run_edge_tiled(graph, plan, values))
-                out = segmented.assemble_output(values)
-            assert_matches_untiled(out, reference, f"split {split} N={count}")
-            if BIT_EXACT_ISA:
-                assert torch.equal(out, reference), f"split {split} N={count}: {(out - reference).abs().max()}"
-    finally:
-        torch.set_num_threads(before)
+    graph, segmented, x, reference = whole_model_on_the_edge("resnet50", (1, 3, 448, 448))
+    for split, count in (("h", 3), ("w", 3), ("grid", 7)):
+        out = tiled_output(graph, segmented, x, WEIGHTS[:count], split)
+        assert_matches_untiled(out, reference, f"split {split} N={count}")
+        if BIT_EXACT_ISA:
+            assert torch.equal(out, reference), f"split {split} N={count}: {(out - reference).abs().max()}"

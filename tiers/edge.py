@@ -308,9 +308,8 @@ class EdgeDaemon:
         runner = self._tile_runner(entry, edge_plan, [name for name, _ in nodes])
         outputs, seconds = await self.loop.run_in_executor(
             self.executor, lambda: timed_run(lambda: run_edge_plan(entry.graph, edge_plan, values, runner)))
-        selector = self._selectors.get(self._tiling_key(entry, nodes))
-        if selector is not None:
-            selector.record(edge_plan.strategy, seconds)
+        if self.edge_strategy_of(entry) == "auto":  # feed the measurement back to auto's trial
+            self._selectors[self._tiling_key(entry, nodes)].record(edge_plan.strategy, seconds)
         return outputs, seconds, edge_plan.strategy
 
     def edge_strategy_of(self, entry: PlanEntry) -> str:
@@ -329,8 +328,8 @@ class EdgeDaemon:
         strategy = self.edge_strategy_of(entry)
         if strategy not in STRATEGY_NAMES:
             raise RequestError(f"unknown edge strategy {strategy!r}; this node runs {', '.join(STRATEGY_NAMES)}")
-        speeds = tuple(round(speed, 3) for _, speed in nodes)
         key = self._tiling_key(entry, nodes)
+        speeds = key[2]
         if strategy == "auto":  # plan them all once, then measure the best predicted (see online.py)
             if key not in self._selectors:
                 from partitioner.edge_strategies import plan_all
