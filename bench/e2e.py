@@ -8,8 +8,14 @@ cgroup) sends a stream of requests across the htb-shaped veth links to the edge 
 each) and the cloud daemon (1 CPU), while this process plays the scenario's traces onto the links with
 `tc class change` (traces.replay.TcApplier), restarted at the same trace time for every strategy.
 
-Links: the scenario's uplink trace drives the device's radio, i.e. both device-edge and device-cloud (the
-radio is the bottleneck of either path); edge-cloud follows the shipped ``backbone`` trace (wired).
+Topologies (--topology), i.e. which links the scenario's cellular uplink trace drives:
+  local-edge (default): the edge cluster sits next to the device on a local wireless link (the shipped
+    ``wifi-home`` trace, as in the D3 paper's setting: device and edge nodes on one WLAN, e.g. in a vehicle
+    or a building) and the cloud is reached over the cellular uplink: the trace drives edge-cloud and
+    device-cloud.
+  mec: the edge is behind the radio (mobile edge computing at the base station): the trace drives
+    device-edge and device-cloud, edge-cloud follows the shipped ``backbone`` trace. With a 3G uplink of
+    ~1 Mbit/s the 4.8 Mbit input costs ~5 s on any offloading path, so every strategy runs on the device.
 Strategies: d3 (incremental re-partitioning from the bandwidth the device measures, edge tiled over the
 3 nodes), d3_fixed (the D3 plan made at the start and never changed), neurosurgeon, dads, device_only,
 cloud_only (from partitioner.baselines on the same cost model). Every output is checked against the
@@ -40,27 +46,35 @@ if str(REPO_ROOT) not in sys.path:  # `python bench/e2e.py` from anywhere
 TRACE_DIR = REPO_ROOT.parent / "shared" / "traces" / "mahimahi"
 MODELS = ("resnet18", "resnet50", "vgg16", "googlenet", "mobilenet_v2")
 STRATEGIES = ("d3", "d3_fixed", "neurosurgeon", "dads", "device_only", "cloud_only")
-# scenario -> the device's uplink trace (device-edge and device-cloud); edge-cloud follows EDGE_CLOUD_TRACE
+# scenario -> a cellular uplink trace in ../shared/traces/mahimahi
 SCENARIOS = {"lte": "TMobile-LTE-short.up", "3g": "TMobile-UMTS-driving.up"}
-EDGE_CLOUD_TRACE = "backbone"
+# topology -> (links the scenario's trace drives, {other link: shipped trace})
+TOPOLOGIES = {"local-edge": (("edge-cloud", "device-cloud"), {"device-edge": "wifi-home"}),
+              "mec": (("device-edge", "device-cloud"), {"edge-cloud": "backbone"})}
+LINKS = ("device-edge", "edge-cloud", "device-cloud")
 PREFIX = "d3tbb-"
 # CPU quotas: a device ~10x slower than the cloud (a phone CPU next to a server core), edge nodes 2x slower
 DEVICE_CPU, EDGE_CPU, CLOUD_CPU, EDGE_NODES = 0.1, 0.5, 1.0, 3
+# how D3's edge node spreads its segment: "auto" measures the best predicted splits and the unsplit segment
+D3_EDGE_STRATEGY = "auto"
 MIN_MBPS = 0.1  # an outage of exactly 0 stalls TCP for good; Mahimahi traces have such seconds
 TAG = "@@"  # protocol lines from the worker start with this; anything else is its log
 
 
 # ----------------------------------------------------------------------------------------- traces
-def scenario_traces(scenario: str, trace_dir: Path = TRACE_DIR) -> dict:
-    """testbed link name -> BandwidthTrace for a scenario (an uplink trace name or a path)."""
+def scenario_traces(scenario: str, topology: str = "local-edge", trace_dir: Path = TRACE_DIR) -> dict:
+    """testbed link name -> BandwidthTrace for a scenario (an uplink trace name or a path) and topology."""
     from traces.formats import resolve_trace
 
+    if topology not in TOPOLOGIES:
+        raise ValueError(f"unknown topology {topology!r}; known: {', '.join(TOPOLOGIES)}")
     spec = SCENARIOS.get(scenario, scenario)
     path = Path(spec) if Path(spec).is_file() else trace_dir / spec
     if not path.is_file():
         raise FileNotFoundError(f"scenario {scenario!r}: trace {path} not found (see ../shared/traces/README.md)")
     uplink = resolve_trace(str(path)).clipped(MIN_MBPS, None)
-    return {"device-edge": uplink, "device-cloud": uplink, "edge-cloud": resolve_trace(EDGE_CLOUD_TRACE)}
+    cellular_links, shipped = TOPOLOGIES[topology]
+    return {**{link: uplink for link in cellular_links}, **{link: resolve_trace(name) for link, name in shipped.items()}}
 
 
 def window_mean_mbps(trace, duration_s: float) -> float:
@@ -95,7 +109,7 @@ def _worker_setup(args) -> WorkerState:
     from tiers.demo import calibrated_tiers
 
     torch.set_num_threads(1)
-    graph = load_graph(args.model)
+    graph = load_graph(args.model, (1, 3, args.input_size, args.input_size) if args.input_size else None)
     x = example_input(graph.input_shape)
     with torch.no_grad():
         reference = graph.module(x)
@@ -113,7 +127,8 @@ def _make_client(state: WorkerState, strategy: str, links):
     plan = None if strategy in ("d3", "d3_fixed") else strategy_plan(state.graph, strategy, links, state.tiers, weights)
     return Client(state.model, edge=state.cluster.edges[0].address, cloud=state.cluster.cloud_url,
                   input_shape=state.graph.input_shape, plan=plan, links=links, tiers=state.tiers,
-                  edge_weights=weights, repartition=strategy == "d3", timeout_s=180)
+                  edge_weights=weights, repartition=strategy == "d3", timeout_s=900,
+                  edge_strategy=D3_EDGE_STRATEGY if strategy in ("d3", "d3_fixed") else None)
 
 
 def _plan_id(plan) -> str:
@@ -125,7 +140,10 @@ def _plan_id(plan) -> str:
 
 
 def _describe(plan) -> dict:
-    return {"id": _plan_id(plan), "version": plan.version, "strategy": plan.strategy, "edge_nodes": plan.edge_nodes,
+    import hashlib
+
+    assignment = hashlib.sha1(json.dumps(sorted(plan.assignment.items())).encode()).hexdigest()[:8]
+    return {"id": _plan_id(plan), "assignment": assignment, "version": plan.version, "strategy": plan.strategy, "edge_nodes": plan.edge_nodes,
             "tiers": {t: len(plan.nodes_on(t)) for t in ("device", "edge", "cloud")},
             "predicted_ms": round(plan.predicted_ms, 1)}
 
@@ -139,7 +157,7 @@ def _one_request(state: WorkerState, client, t0: float) -> dict:
               "device_ms": round(timing.device_s * 1e3, 1), "edge_ms": round(timing.edge_s * 1e3, 1),
               "cloud_ms": round(timing.cloud_s * 1e3, 1), "edge_nodes": timing.edge_nodes,
               "links_ms": {k: round(v * 1e3, 1) for k, v in timing.links_s.items()},
-              "bytes": timing.bytes, "estimate_mbps": {k: round(v / 1e6, 3) for k, v in client.links.bps.items()}}
+              "bytes": timing.bytes, "edge_ran": timing.edge_strategy, "estimate_mbps": {k: round(v / 1e6, 3) for k, v in client.links.bps.items()}}
     if state.device_log is not None:  # what the device measured, for `d3 replay --device-log`
         with open(state.device_log, "a") as log:
             log.write(json.dumps({"time": time.monotonic(), "estimate_bps": client.links.bps}) + "\n")
@@ -183,10 +201,12 @@ def _repartitions(client) -> int:
 
 
 def _prewarm(state: WorkerState, device_cpu: float) -> dict:
-    """Every edge node and the cloud load the model once (a deployment preloads its models): requests with
-    the whole model tiled over all edge nodes, then all on the cloud. Their measured compute times then
-    calibrate the planner: on a shared machine CPU contention, not the cgroup quota, sets the servers'
-    speed, and a planner that believes the quotas picks the wrong tier."""
+    """Every edge node and the cloud load the model once (a deployment preloads its models), and their
+    measured compute times calibrate the planner: on a shared machine CPU contention, not the cgroup quota,
+    sets the servers' speed, and a planner that believes the quotas picks the wrong tier. The edge's
+    per-node speed comes from the whole model on *one* node, as the baselines run it: the tiled run (also
+    measured, and reported) includes the split's own costs, and a per-node speed taken from it made the
+    baselines believe an edge node 1.5-3x slower than it is."""
     import statistics as stats
 
     from partitioner.cost import TierModels
@@ -196,24 +216,26 @@ def _prewarm(state: WorkerState, device_cpu: float) -> dict:
 
     weights = [1.0] * len(state.cluster.edges)
     measured = {}
-    for tier, edge_weights in (("edge", weights), ("cloud", [1.0])):
+    for label, tier, edge_weights in (("edge", "edge", [1.0]), ("edge_split", "edge", weights), ("cloud", "cloud", [1.0])):
         plan = Plan(state.model, tuple(state.graph.input_shape), {n: tier for n in state.graph.order},
-                    edge_weights=edge_weights, strategy=f"warmup_{tier}")
+                    edge_weights=edge_weights, strategy=f"warmup_{label}", edge_strategy=D3_EDGE_STRATEGY)
         with Client(state.model, edge=state.cluster.edges[0].address, cloud=state.cluster.cloud_url,
                     plan=plan, timeout_s=300) as client:
-            for _ in range(3):
+            for _ in range(3 if label != "edge_split" else 2 + 6):  # auto tries its candidates first
                 client.infer(state.x)
-            measured[tier] = stats.median(getattr(t, f"{tier}_s") for t in client.timings[1:])
+            measured[label] = stats.median(getattr(t, f"{tier}_s") for t in client.timings[-2:])
+            if label == "edge_split":
+                measured["edge_split_ran"] = client.timings[-1].edge_strategy
     # this machine's per-node speed at one thread (the runtime's calibration; renamed once already)
     machine = (getattr(demo, "machine_model", None) or getattr(demo, "machine_flop_model"))(state.graph)
     machine_s = sum(machine.node_seconds(state.graph).values())
-    # edge: the whole model tiled over N nodes took edge_s, so one node is ~N x edge_s / machine_s slower
-    slowdowns = {"device": 1 / device_cpu, "edge": len(weights) * measured["edge"] / machine_s,
-                 "cloud": measured["cloud"] / machine_s}
+    slowdowns = {"device": 1 / device_cpu, "edge": measured["edge"] / machine_s, "cloud": measured["cloud"] / machine_s}
     state.tiers = TierModels(device=machine.scaled(slowdowns["device"]), edge=machine.scaled(slowdowns["edge"]),
                              cloud=machine.scaled(slowdowns["cloud"]))
-    return {"machine_ms": round(machine_s * 1e3, 1), "edge_tiled_ms": round(measured["edge"] * 1e3, 1),
-            "cloud_ms": round(measured["cloud"] * 1e3, 1), "slowdowns": {k: round(v, 2) for k, v in slowdowns.items()}}
+    return {"machine_ms": round(machine_s * 1e3, 1), "edge_one_node_ms": round(measured["edge"] * 1e3, 1),
+            f"edge_{len(weights)}_nodes_ms": round(measured["edge_split"] * 1e3, 1),
+            "edge_split_ran": measured["edge_split_ran"], "cloud_ms": round(measured["cloud"] * 1e3, 1),
+            "slowdowns": {k: round(v, 2) for k, v in slowdowns.items()}}
 
 
 class IdleProber:
@@ -260,6 +282,7 @@ class RunResult:
     model: str
     scenario: str
     strategy: str
+    topology: str = "local-edge"
     requests: list[dict] = field(default_factory=list)
     bandwidth: list[dict] = field(default_factory=list)  # replay steps: wall_s, set_bps
     repartitions: int = 0
@@ -287,8 +310,9 @@ class RunResult:
 class Worker:
     """The device process inside the testbed's device namespace, driven over stdin/stdout."""
 
-    def __init__(self, model: str, state: dict, log_path: Path, cpus: tuple[float, float, float]):
+    def __init__(self, model: str, state: dict, log_path: Path, cpus: tuple[float, float, float], input_size: int = 0):
         command = [sys.executable, str(Path(__file__).resolve()), "worker", "--model", model,
+                   "--input-size", str(input_size),
                    "--cluster", state["cluster_config"], "--cgroup", PREFIX + "device",
                    "--device-cpu", str(cpus[0]), "--edge-cpu", str(cpus[1]), "--cloud-cpu", str(cpus[2]),
                    "--device-log", str(Path(state["run_dir"]) / "device-links.jsonl")]
@@ -335,11 +359,11 @@ class Worker:
 def run_one(worker: Worker, model: str, scenario: str, strategy: str, traces: dict, opts) -> RunResult:
     from traces.replay import TcApplier, replay
 
-    result = RunResult(model, scenario, strategy)
+    result = RunResult(model, scenario, strategy, opts.topology)
     window_s = opts.max_s * opts.speed  # trace seconds one run can play
-    links_mbps = [window_mean_mbps(traces[link], window_s) for link in ("device-edge", "edge-cloud", "device-cloud")]
+    links_mbps = [window_mean_mbps(traces[link], window_s) for link in LINKS]
     applier = TcApplier(PREFIX)
-    for link, mbps in zip(("device-edge", "edge-cloud", "device-cloud"), links_mbps):
+    for link, mbps in zip(LINKS, links_mbps):
         applier.apply(link, mbps * 1e6)  # warm-up runs at the window's mean rate
     worker.send(cmd="run", strategy=strategy, links_mbps=links_mbps, requests=opts.requests,
                 min_requests=opts.min_requests, max_s=opts.max_s)
@@ -420,14 +444,24 @@ def verdicts(results: list[RunResult]) -> list[str]:
             continue
         best = min(others, key=others.get)
         won = d3.median_ms < others[best]
-        same = d3.plans_used and by_key[(model, scenario, best)].plans_used == d3.plans_used
-        why = "  [same split as D3: the difference is noise]" if same and not won else ""
+        same = d3.plans_used and by_key[(model, scenario, best)].plans_used == d3.plans_used or \
+            _same_work(d3, by_key[(model, scenario, best)])
+        why = "  [same work as D3: the difference is noise]" if same and not won else ""
         out.append(f"{model:<13} {scenario:<5} D3 {'beats every baseline' if won else 'does NOT beat ' + best} "
                    f"(d3 {d3.median_ms:.0f} ms, best baseline {best} {others[best]:.0f} ms){why}")
     return out
 
 
-def plot(results: list[RunResult], path: Path) -> None:
+def _same_work(d3: RunResult, other: RunResult) -> bool:
+    """D3's x3 plan with its edge running unsplit ("whole", auto's fallback) on most requests is the same
+    work as a baseline's one-edge-node plan with the same assignment."""
+    unsplit = [r for r in d3.requests if r.get("edge_ran") in ("whole", "")]
+    return bool(d3.requests) and len(unsplit) > len(d3.requests) / 2 and \
+        d3.plan.get("assignment") is not None and d3.plan.get("assignment") == other.plan.get("assignment") and \
+        len(d3.plans_used) == 1
+
+
+def plot(results: list[RunResult], path: Path, topology: str = "local-edge") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -446,15 +480,18 @@ def plot(results: list[RunResult], path: Path) -> None:
                 bandwidth = r.bandwidth
         ax.set_yscale("log")
         ax.set_ylabel("latency (ms)")
-        ax.set_title(f"{model}, {scenario}: {SCENARIOS.get(scenario, scenario)} on device links")
+        cellular_links, shipped = TOPOLOGIES[topology]
+        ax.set_title(f"{model}, {scenario}: {SCENARIOS.get(scenario, scenario)} on {' and '.join(cellular_links)}; "
+                     + ", ".join(f"{link} {name}" for link, name in shipped.items()))
         ax.legend(fontsize=7, loc="upper left", ncol=2)
         if bandwidth:
             twin = ax.twinx()
             wall = [b["wall_s"] for b in bandwidth]
-            twin.step(wall, [b["set_bps"]["device-edge"] / 1e6 for b in bandwidth], where="post", color="gray",
-                      alpha=0.6, label="device links set (Mbit/s)")
-            twin.set_ylabel("device link Mbit/s", color="gray")
-            twin.set_ylim(bottom=0)
+            for link, style in ((cellular_links[0], "-"), (next(iter(shipped)), ":")):
+                twin.step(wall, [b["set_bps"][link] / 1e6 for b in bandwidth], where="post", color="gray",
+                          linestyle=style, alpha=0.6, label=f"{link} set (Mbit/s)")
+            twin.set_ylabel(f"link Mbit/s (solid {cellular_links[0]}, dotted {next(iter(shipped))})", color="gray")
+            twin.set_yscale("log")
     axes[-1, 0].set_xlabel("wall time since the run started (s); traces fast-forwarded")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -474,10 +511,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     worker.add_argument("--edge-cpu", type=float, default=EDGE_CPU)
     worker.add_argument("--cloud-cpu", type=float, default=CLOUD_CPU)
     worker.add_argument("--device-log", default=None)
+    worker.add_argument("--input-size", type=int, default=0)
     worker.add_argument("--no-prewarm", action="store_true", help="plan from the CPU quotas, tiers start cold")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated (default {','.join(MODELS)})")
     parser.add_argument("--scenarios", default="lte,3g",
                         help="comma-separated: lte, 3g, or a Mahimahi uplink trace file (default lte,3g)")
+    parser.add_argument("--topology", default="local-edge", choices=sorted(TOPOLOGIES),
+                        help="which links the cellular trace drives (default local-edge: edge-cloud and device-cloud; "
+                             "mec: device-edge and device-cloud)")
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated (default: all six)")
     parser.add_argument("--requests", type=int, default=None,
                         help="at most this many requests per strategy stream (default 60, quick 30)")
@@ -486,6 +527,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-requests", type=int, default=3, help="even past --max-s (default 3)")
     parser.add_argument("--speed", type=float, default=None, help="trace fast-forward (default 4)")
     parser.add_argument("--step-s", type=float, default=1.0, help="trace seconds per tc change (default 1)")
+    parser.add_argument("--input-size", type=int, default=0,
+                        help="square input side in pixels (default: the model's own, 224 for most, 299 for inception)")
     parser.add_argument("--device-cpu", type=float, default=DEVICE_CPU, help=f"device CPU quota (default {DEVICE_CPU})")
     parser.add_argument("--edge-cpu", type=float, default=EDGE_CPU, help=f"per edge node (default {EDGE_CPU})")
     parser.add_argument("--cloud-cpu", type=float, default=CLOUD_CPU, help=f"cloud CPU quota (default {CLOUD_CPU})")
@@ -506,6 +549,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"unknown strategies {unknown}; known: {', '.join(STRATEGIES)}")
         if args.requests < 1 or args.max_s <= 0 or args.speed <= 0:
             parser.error("--requests, --max-s and --speed must be positive")
+        if args.input_size and not 32 <= args.input_size <= 2048:
+            parser.error(f"--input-size must be 32..2048 pixels, got {args.input_size}")
     return args
 
 
@@ -523,7 +568,9 @@ def run_bench(args) -> int:
     # and SIGTERM would skip the `finally` below
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    traces = {s: scenario_traces(s) for s in args.scenarios}  # fail on a missing trace before anything starts
+    # fail on a missing trace before anything starts
+    traces = {s: scenario_traces(s, args.topology) for s in args.scenarios}
+    cellular_link, (shipped_link, shipped_trace) = TOPOLOGIES[args.topology][0][0], *TOPOLOGIES[args.topology][1].items()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -532,18 +579,18 @@ def run_bench(args) -> int:
                              cloud_cpu=args.cloud_cpu, prefix=PREFIX), progress=lambda line: None)
     print(f"testbed {PREFIX} up: device {args.device_cpu} CPU, {EDGE_NODES} edge nodes x {args.edge_cpu} CPU, cloud "
           f"{args.cloud_cpu} CPU; scenarios " + ", ".join(f"{s}: {SCENARIOS.get(s, s)} (mean "
-          f"{t['device-edge'].mean_mbps:.2f} Mbit/s)" for s, t in traces.items())
-          + f", edge-cloud {EDGE_CLOUD_TRACE}; traces x{args.speed:g}", flush=True)
+          f"{t[cellular_link].mean_mbps:.2f} Mbit/s) on {' and '.join(TOPOLOGIES[args.topology][0])}"
+          for s, t in traces.items()) + f"; {shipped_link} {shipped_trace}; traces x{args.speed:g}", flush=True)
     results: list[RunResult] = []
     runs = [(m, s, k) for m in args.models for s in args.scenarios for k in args.strategies]
     bar = tqdm(total=len(runs), desc="e2e runs", unit="run", disable=not sys.stderr.isatty())
     try:
         for model in args.models:
             fast = TcApplier(PREFIX)
-            for link in ("device-edge", "edge-cloud", "device-cloud"):
+            for link in LINKS:
                 fast.apply(link, 1e9)  # the worker's pre-warm is setup, not measured
             worker = Worker(model, state, out / f"e2e-worker-{model}.log",
-                            (args.device_cpu, args.edge_cpu, args.cloud_cpu))
+                            (args.device_cpu, args.edge_cpu, args.cloud_cpu), args.input_size)
             print(f"  {model}: measured calibration {worker.calibration}", flush=True)
             try:
                 for scenario in args.scenarios:
@@ -564,7 +611,7 @@ def run_bench(args) -> int:
     print()
     for line in verdicts(results):
         print(line)
-    plot(results, out / "e2e.png")
+    plot(results, out / "e2e.png", args.topology)
     print(f"outputs: max abs diff to the local model {check_outputs(results):.1e}; wrote {out / 'e2e.json'} and "
           f"{out / 'e2e.png'}; bench took {time.monotonic() - started:.0f} s")
     return 0

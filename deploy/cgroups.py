@@ -1,5 +1,9 @@
 """cgroup v1 CPU quotas for the testbed tiers (/sys/fs/cgroup/cpu/NAME): a tier limited to ``cpus`` CPUs
 runs ``cpus x period`` microseconds per ``period``, so a device at 0.2 is ~5x slower than a full core.
+The period is 10 ms, not the kernel's 100 ms default: a request's compute is then throttled in 10 ms
+slices, and latencies of a few hundred ms are no longer rounded to the 100 ms grid a long period leaves
+(measured in bench/e2e.py: medians at 0.1 CPU moved in 100 ms steps). A quota below the kernel's 1 ms
+minimum stretches the period instead.
 Plain file writes: the kernel interface is three files, no library needed."""
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ import time
 from pathlib import Path
 
 CPU_ROOT = Path("/sys/fs/cgroup/cpu")
-PERIOD_US = 100_000
+PERIOD_US = 10_000
+MIN_QUOTA_US = 1_000  # the kernel refuses a smaller cpu.cfs_quota_us
 
 
 def _check_root() -> None:
@@ -27,10 +32,20 @@ def create(name: str, cpus: float | None) -> Path:
     _check_root()
     group = path_of(name)
     group.mkdir(exist_ok=True)
-    (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-    quota = -1 if not cpus or cpus <= 0 else max(1000, int(round(cpus * PERIOD_US)))
+    period, quota = period_and_quota_us(cpus)
+    # lower the quota first: the kernel checks the pair on every write, and a parent-less group accepts both
+    (group / "cpu.cfs_quota_us").write_text("-1")
+    (group / "cpu.cfs_period_us").write_text(str(period))
     (group / "cpu.cfs_quota_us").write_text(str(quota))
     return group
+
+
+def period_and_quota_us(cpus: float | None) -> tuple[int, int]:
+    """(cpu.cfs_period_us, cpu.cfs_quota_us) for ``cpus`` CPUs; quota -1 means unlimited."""
+    if not cpus or cpus <= 0:
+        return PERIOD_US, -1
+    period = max(PERIOD_US, int(round(MIN_QUOTA_US / cpus)))
+    return period, int(round(cpus * period))
 
 
 def quota_cpus(name: str) -> float | None:

@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, field
 from partitioner.segments import TIERS
 
 
+PREDICTION_FIELDS = ("predicted_ms", "stages_ms", "link_bytes")  # what the planner expects, not what to run
+
+
 @dataclass
 class Plan:
     model: str
@@ -37,6 +40,16 @@ class Plan:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+    def to_wire_json(self) -> str:
+        """The plan as the tiers receive it: without the planner's predictions, which the re-partitioner
+        refreshes on every update. A re-priced plan then keeps its digest, and the tiers keep the segments
+        they built for it; with the predictions in, every request named a new plan and each edge node
+        re-built its tiles (+30% median latency on the testbed, bench/e2e.py)."""
+        data = asdict(self)
+        for name in PREDICTION_FIELDS:
+            data.pop(name)
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Plan":

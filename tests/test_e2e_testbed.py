@@ -143,7 +143,7 @@ def test_bench_table_ratios_percentiles_and_verdicts():
     [verdict] = e2e.verdicts(results)
     assert "does NOT beat device_only" in verdict and "same split" not in verdict
     results[2].plans_used = ["a", "b"]  # the baseline ran exactly D3's splits: a tie, and the verdict says so
-    assert "same split as D3" in e2e.verdicts(results)[0]
+    assert "same work as D3" in e2e.verdicts(results)[0]
     results[2].requests = [{"latency_ms": 500}]
     assert "beats every baseline" in e2e.verdicts(results)[0]
 

@@ -120,7 +120,7 @@ def test_auto_picks_the_lowest_predicted_strategy():
 
 def test_auto_at_run_time_tries_the_best_predicted_then_keeps_the_measured_fastest():
     from partitioner.edge_strategies import plan_all
-    from partitioner.edge_strategies.online import OnlineSelector
+    from partitioner.edge_strategies.online import WHOLE, OnlineSelector
 
     graph, segmented, _, _ = _setup("googlenet", (1, 3, 112, 112))
     edge = segmented.edge
@@ -128,12 +128,15 @@ def test_auto_at_run_time_tries_the_best_predicted_then_keeps_the_measured_faste
     selector = OnlineSelector.from_plans(plans)
     ranked = sorted(plans, key=lambda name: plans[name].predicted_ms)
     assert selector.candidates[:3] == ranked[:3] and "tiles" in selector.candidates
+    assert selector.candidates[-1] == WHOLE  # the unsplit segment is measured too, last
     tried = []
     for _ in selector.candidates:  # one request each, best predicted first
+        name = selector.choose_name()
         plan = selector.choose()
-        tried.append(plan.strategy)
+        assert (plan is None) == (name == WHOLE) and (plan is None or plan.strategy == name)
+        tried.append(name)
         # measured: the third-ranked candidate is by far the fastest (as zones was on throttled nodes)
-        selector.record(plan.strategy, 0.05 if plan.strategy == ranked[2] else 0.2)
+        selector.record(name, 0.05 if name == ranked[2] else 0.2)
     assert tried == selector.candidates
     assert selector.choose().strategy == ranked[2]
     for _ in range(5):  # it gets slower (a busy node): the next fastest takes over
@@ -141,7 +144,11 @@ def test_auto_at_run_time_tries_the_best_predicted_then_keeps_the_measured_faste
     assert selector.choose().strategy != ranked[2]
     outsider = next(name for name in plans if name not in selector.candidates)
     selector.record(outsider, 0.001)  # a strategy it never tried cannot win on a record it did not take
-    assert selector.choose().strategy in selector.candidates
+    assert selector.choose_name() in selector.candidates
+    for name in selector.candidates:  # splitting got slower everywhere: the unsplit segment takes over
+        for _ in range(9):
+            selector.record(name, 0.3 if name != WHOLE else 0.1)
+    assert selector.choose_name() == WHOLE and selector.choose() is None
 
 
 def test_lp_shares_equalise_finish_times_and_price_the_link():
@@ -285,3 +292,29 @@ def test_interleaved_pair_reduces_partial_sums_exactly():
     out = run_edge_plan(graph, plan, {graph.input_names[0]: x})[graph.output_names[0]]
     _assert_same_model_output(out, reference, "mixed/forced reduce")
     assert [len(s.items) for s in plan.stages] == [1, 3, 1]
+
+
+def test_head_tiles_tiles_only_the_stages_that_pay_and_runs_the_rest_whole(monkeypatch):
+    from partitioner.edge_strategies import SpatialStage, tiles as tiles_module
+
+    graph = zoo_graph("resnet18", (1, 3, 224, 224))
+    x = example_input((1, 3, 224, 224))
+    with torch.no_grad():
+        expected = graph.module(x)
+    args = (graph, list(graph.order), list(graph.input_names), [graph.order[-1]], (1.0, 1.0, 1.0))
+    tiled = plan_edge(*args, strategy="tiles")
+    head = plan_edge(*args, strategy="head_tiles")
+    kinds = [isinstance(stage, SpatialStage) for stage in head.stages]
+    # the large early maps pay for a split, the small late ones do not: a tiled prefix, then one whole stage
+    assert kinds[0] and not kinds[-1] and kinds == sorted(kinds, reverse=True), kinds
+    assert len(head.stages) < len(tiled.stages) and isinstance(head.stages[-1], SubgraphStage)
+    assert len(head.stages[-1].items) == 1 and head.stages[-1].items[0].node == 0
+    with torch.no_grad():
+        output = run_edge_plan(graph, head, {graph.input_names[0]: x})[graph.order[-1]]
+    from test_tiling import BIT_EXACT_ISA
+
+    assert torch.equal(output, expected) if BIT_EXACT_ISA else (output - expected).abs().max().item() <= 1e-5
+    # a stage that costs more than any split saves: nothing is tiled, the segment runs whole on node 0
+    monkeypatch.setattr(tiles_module, "HEAD_STAGE_OVERHEAD_S", 10.0)
+    whole = plan_edge(*args, strategy="head_tiles")
+    assert len(whole.stages) == 1 and isinstance(whole.stages[0], SubgraphStage)

@@ -36,6 +36,15 @@ def testbed_prefix(request):
     assert leftovers(prefix) == []
 
 
+def test_cpu_quotas_use_a_short_period_and_stretch_it_below_the_kernels_minimum_quota():
+    # a 10 ms period: a throttled tier waits at most a few ms, not up to 90 ms of a 100 ms period
+    assert cgroups.period_and_quota_us(0.5) == (10_000, 5_000)
+    assert cgroups.period_and_quota_us(0.1) == (10_000, 1_000)
+    assert cgroups.period_and_quota_us(0.02) == (50_000, 1_000)  # the kernel refuses quotas under 1 ms
+    assert cgroups.period_and_quota_us(2.0) == (10_000, 20_000)
+    assert cgroups.period_and_quota_us(None)[1] == -1 and cgroups.period_and_quota_us(0)[1] == -1
+
+
 def test_rate_and_bandwidth_parsing():
     assert parse_rate("20Mbit") == 20e6 and parse_rate("500kbit") == 5e5 and parse_rate("1.5mbps") == 1.5e6
     assert parse_bandwidths("device-edge=5Mbit")["device-edge"] == 5e6

@@ -92,6 +92,22 @@ def test_repartitioning_client_switches_plans_between_requests(cluster):
     assert versions  # every request ran one plan version, whatever re-planning happened
 
 
+def test_a_repriced_plan_stays_one_plan_on_the_tiers(cluster):
+    """The re-partitioner refreshes the current plan's predictions after every request; the tiers must
+    still see one plan per version, or each request makes every tier re-build its segments and tiles."""
+    from partitioner.cost import Links
+
+    x, expected = reference("resnet18", seed=3)
+    with client_for(cluster, "resnet18", links=Links.mbps(200, 2, 2), edge_weights=(1.0, 1.0, 1.0)) as client:
+        predictions = set()
+        for _ in range(4):
+            assert (client.infer(x) - expected).abs().max().item() <= TOLERANCE
+            predictions.add(round(client.plan.predicted_ms, 6))
+        versions = {timing.plan_version for timing in client.timings}
+        assert len(predictions) > 1, "the test needs a plan whose predictions were refreshed"
+        assert len(client.store._plans) == len(versions), (len(client.store._plans), versions)
+
+
 def test_fifty_concurrent_requests_from_eight_clients(cluster):
     # three plans (three tiers; edge + cloud; device + edge) over 8 clients: each tier builds a plan's
     # segments once, so more distinct plans only add build time, not concurrency

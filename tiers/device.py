@@ -245,7 +245,7 @@ class Client:
         return self.planner.plan
 
     def _entry(self, plan: Plan) -> PlanEntry:
-        plan_json = plan.to_json()
+        plan_json = plan.to_wire_json()
         digest = wire.plan_digest(plan_json)
         if not self.store.has_plan(digest):
             self.store.add_plan(plan_json)

@@ -5,7 +5,7 @@ concurrent requests).
 The node a device sends a request to coordinates it: it plans the edge segment for the live nodes' speeds
 with the plan's edge strategy (``partitioner.edge_strategies.plan_edge``: tiles, hetero_lp, zones, dpfl,
 auction, iop; cached per plan, strategy and node speeds; ``auto`` plans them all and measures the best
-predicted few on live requests, see ``partitioner/edge_strategies/online.py``), runs it with ``run_edge_plan`` whose
+predicted few, and the unsplit segment, on live requests, see ``partitioner/edge_strategies/online.py``), runs it with ``run_edge_plan`` whose
 ``item_runner`` sends each work item to the node the strategy chose (itself included), combines, then forwards the cloud segment's inputs to the cloud endpoint
 over HTTP (or answers the device at once when the cloud segment is empty). Nodes announce themselves
 and their speed every ``heartbeat_s``; a peer silent for ``peer_timeout_s`` leaves the tiling, and a tile
@@ -302,22 +302,34 @@ class EdgeDaemon:
         if edge_plan is None:
             outputs, seconds = await self.loop.run_in_executor(
                 self.executor, lambda: timed_run(lambda: segment.run(values), self.config.slowdown))
-            return outputs, seconds, "whole"
-        from partitioner.edge_strategies import run_edge_plan
+            ran = "whole"
+        else:
+            from partitioner.edge_strategies import run_edge_plan
 
-        runner = self._tile_runner(entry, edge_plan, [name for name, _ in nodes])
-        outputs, seconds = await self.loop.run_in_executor(
-            self.executor, lambda: timed_run(lambda: run_edge_plan(entry.graph, edge_plan, values, runner)))
-        if self.edge_strategy_of(entry) == "auto":  # feed the measurement back to auto's trial
-            self._selectors[self._tiling_key(entry, nodes)].record(edge_plan.strategy, seconds)
-        return outputs, seconds, edge_plan.strategy
+            runner = self._tile_runner(entry, edge_plan, [name for name, _ in nodes])
+            outputs, seconds = await self.loop.run_in_executor(
+                self.executor, lambda: timed_run(lambda: run_edge_plan(entry.graph, edge_plan, values, runner)))
+            ran = edge_plan.strategy
+        selector = self._selectors.get(self._tiling_key(entry, nodes)) if len(nodes) > 1 and \
+            self.edge_strategy_of(entry) == "auto" else None
+        if selector is not None:  # feed the measurement back to auto's trial ("whole" is one of its candidates)
+            from partitioner.edge_strategies.online import WHOLE
+
+            selector.record(WHOLE if edge_plan is None else ran, seconds)
+        return outputs, seconds, ran
 
     def edge_strategy_of(self, entry: PlanEntry) -> str:
         return self.config.edge_strategy or getattr(entry.plan, "edge_strategy", None) or "tiles"
 
     def _tiling_key(self, entry: PlanEntry, nodes: list[tuple[str, float]]) -> tuple:
+        """Splits (and auto's measurements) belong to the edge segment, not to the plan around it: a
+        re-partition that keeps the edge's work keeps them, and auto does not try its candidates again."""
+        segment = entry.segmented.edge
         speeds = tuple(round(speed, 3) for _, speed in nodes)
-        return (wire.plan_digest(entry.plan_json), self.edge_strategy_of(entry), speeds)
+        work = wire.plan_digest("|".join([entry.plan.model, str(tuple(entry.plan.input_shape)),
+                                          ",".join(segment.node_names), ",".join(segment.input_names),
+                                          ",".join(segment.output_names)]))
+        return (work, self.edge_strategy_of(entry), speeds)
 
     async def _tiling_for(self, entry: PlanEntry, nodes: list[tuple[str, float]]):
         """The edge segment planned by the plan's edge strategy for these nodes (node 0 = this one)."""

@@ -19,13 +19,14 @@ from partitioner.edge_strategies.core import DEFAULT_LINK_BPS, ChannelItem, Chan
 from partitioner.edge_strategies.dpfl import plan_dpfl
 from partitioner.edge_strategies.hetero_lp import plan_hetero_lp
 from partitioner.edge_strategies.iop import plan_iop
-from partitioner.edge_strategies.tiles import plan_tiles
+from partitioner.edge_strategies.tiles import plan_head_tiles, plan_tiles
 from partitioner.edge_strategies.zones import plan_zones
 
 StrategyFn = Callable[[ModelGraph, Sequence[str], list[str], list[str], CostModel], list]
 
 EDGE_STRATEGIES: dict[str, StrategyFn] = {
     "tiles": plan_tiles,
+    "head_tiles": plan_head_tiles,
     "hetero_lp": plan_hetero_lp,
     "zones": plan_zones,
     "dpfl": plan_dpfl,

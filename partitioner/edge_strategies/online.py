@@ -7,6 +7,12 @@ work on throttled nodes and per-item round trips cost more than it prices them. 
 contain the measured winner every time, so the daemon tries each of them (plus ``tiles``, the robust
 default for equal nodes) on one request, then runs the one with the lowest median measured time,
 still recording it: a strategy that gets slower loses its place to the next best.
+
+One more candidate is no split at all (``WHOLE``: the coordinating node runs the edge segment alone).
+Bit-exact tiles cost 1.6-2x the CPU of the untiled segment (halo, and small maps whose weights every
+tile re-reads), and every stage adds a round trip: on the namespace testbed (3 nodes at 0.5 CPU) splitting
+was slower than one node for resnet18, resnet50, googlenet and mobilenet_v2, and faster only for vgg16.
+With ``WHOLE`` measured beside the splits, ``auto`` is never slower than one node for long.
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ from dataclasses import dataclass, field
 from partitioner.edge_strategies.core import EdgePlan
 
 CANDIDATES = 3  # measured candidates, best predicted first
-ALWAYS_TRY = ("tiles",)
+ALWAYS_TRY = ("tiles", "head_tiles")
+WHOLE = "whole"  # no split: the edge segment on the coordinating node alone
 
 
 @dataclass
@@ -31,14 +38,23 @@ class OnlineSelector:
             raise ValueError("no edge plans to choose from")
         ranked = sorted(plans, key=lambda name: plans[name].predicted_ms)
         candidates = ranked[:count] + [name for name in ALWAYS_TRY if name in plans and name not in ranked[:count]]
+        candidates.append(WHOLE)
         return cls(plans, candidates, {name: [] for name in candidates})
 
-    def choose(self) -> EdgePlan:
-        """The next plan to run: an untried candidate (best predicted first), else the measured fastest."""
+    def choose_name(self) -> str:
+        """The next strategy to run: an untried candidate (best predicted first, ``WHOLE`` last), else the
+        measured fastest."""
         untried = [name for name in self.candidates if not self.seconds[name]]
-        name = untried[0] if untried else min(self.candidates, key=lambda n: statistics.median(self.seconds[n]))
+        return untried[0] if untried else min(self.candidates, key=lambda n: statistics.median(self.seconds[n]))
+
+    def choose(self) -> EdgePlan | None:
+        """The next plan to run; None means ``WHOLE`` (run the segment unsplit on the coordinating node)."""
+        untried = any(not samples for samples in self.seconds.values())
+        name = self.choose_name()
+        if name == WHOLE:
+            return None
         plan = self.plans[name]
-        plan.notes["chosen_by"] = "auto (measured)" if not untried else "auto (trying)"
+        plan.notes["chosen_by"] = "auto (trying)" if untried else "auto (measured)"
         return plan
 
     def record(self, strategy: str, seconds: float) -> None:
