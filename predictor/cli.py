@@ -127,7 +127,7 @@ def run_profile(args: argparse.Namespace) -> int:
     unknown = set(args.segment_models or ()) - set(models)
     if unknown:
         raise ValueError(f"--segment-models names {sorted(unknown)}, which are not among the MODELs profiled")
-    # One session: every model's kernels, segments and the sweep interleaved round by round.
+    # one timing session per model (and one for the sweep), see profile_models
     records = profile_models(graphs, settings, args.segments, args.segment_models, kernels=not args.no_kernels,
                              sweep=args.sweep)
     count = write_profile(args.out, profile_meta(settings, models=models, sweep=args.sweep), records)

@@ -214,3 +214,44 @@ def test_cpu_quota_cgroup_slows_a_child_and_calibration_sees_it(tmp_path):
     calibrated = load_predictor(out)
     assert 2.5 < calibrated.scale < 12, calibrated.meta["calibration"]
     assert calibrated.meta["calibration"]["kernels"] == 10
+
+
+def test_each_model_is_timed_in_a_session_of_its_own(graph_of, monkeypatch):
+    """Timed together, another model's jobs changed a model's segment times by 8-28%: every timing session
+    (``run_jobs`` call) holds one model's kernels and segments, or the sweep, never a mix."""
+    import torch
+
+    import predictor.profiler as profiler
+
+    sessions = []
+    real_run_jobs = profiler.run_jobs
+
+    def record_session(jobs, desc="", progress=True):
+        sessions.append({job.graph.name if isinstance(job, profiler.ChainJob) else job.model for job, _ in jobs})
+        real_run_jobs(jobs, desc, progress)
+
+    real_calls_job = profiler.CallsJob
+
+    class NamedCallsJob(real_calls_job):  # remember which model a segment job belongs to
+        def __init__(self, calls, clock, min_sample_s=0.0):
+            super().__init__(calls, clock, min_sample_s)
+            self.model = current[0]
+
+    current = [None]
+    real_segment_calls = profiler._segment_calls
+
+    def segment_calls(graph, slices, x):
+        current[0] = graph.name
+        return real_segment_calls(graph, slices, x)
+
+    monkeypatch.setattr(profiler, "run_jobs", record_session)
+    monkeypatch.setattr(profiler, "CallsJob", NamedCallsJob)
+    monkeypatch.setattr(profiler, "_segment_calls", segment_calls)
+    graphs = [graph_of("resnet18", SMALL), graph_of("mobilenet_v2", SMALL)]
+    try:
+        profiler.profile_models(graphs, ProfileSettings(threads=1, rounds=1, segment_rounds=1), segments=2,
+                                sweep=2, progress=False)
+    finally:
+        torch.set_num_threads(2)
+    assert sessions[:2] == [{"resnet18"}, {"mobilenet_v2"}]
+    assert len(sessions) == 3 and all(name.startswith("sweep_") for name in sessions[2])
