@@ -32,6 +32,8 @@ rounding only (~1 ulp per conv). On the zoo's models at the sizes tested none is
 """
 from __future__ import annotations
 
+import threading
+
 import math
 import operator
 from dataclasses import dataclass
@@ -291,6 +293,7 @@ def untiled_conv_backend(conv: nn.Conv2d, input_size: tuple[int, int], batch: in
 
 
 _BACKENDS: dict = {}
+_LAYOUT_LOCK = threading.RLock()
 
 # aten itself sends maps up to this many elements (per image) to its slow conv: computing such a conv
 # over the whole map for every tile costs little, and is the one way to get its GEMM's rounding
@@ -341,23 +344,33 @@ def pointwise_layout(conv: nn.Conv2d, input_size: tuple[int, int], output_size: 
     thousands of outputs). The untiled width always qualifies."""
     height, full_width = output_size
     key = ("layout", id(conv), input_size, pixels, batch, dtype, torch.get_num_threads())
-    if key not in _BACKENDS:
-        first = -(-pixels // height)
-        candidates = list(range(first, min(first + 4, full_width)))
-        width = first + 4
-        while width < full_width:
-            candidates.append(width)
-            width *= 2
-        _BACKENDS[key] = (height, full_width)
-        x, y = _pointwise_reference(conv, input_size, output_size, batch, dtype)
-        for width in candidates:
-            count = height * width
-            with torch.no_grad():
-                candidate = _unit_pointwise(conv, x[..., :count].reshape(batch, -1, height, width), input_size)
-            if torch.equal(candidate.reshape(batch, y.shape[1], count), y[..., :count]):
-                _BACKENDS[key] = (height, width)
-                break
+    if key in _BACKENDS:
+        return _BACKENDS[key]
+    # tiles of one stage run on parallel threads: one thread checks, the others wait for its answer (a
+    # provisional entry visible mid-check gave concurrent tiles another layout than later ones, seen in CI)
+    with _LAYOUT_LOCK:
+        if key not in _BACKENDS:
+            _BACKENDS[key] = _checked_layout(conv, input_size, output_size, pixels, batch, dtype)
     return _BACKENDS[key]
+
+
+def _checked_layout(conv: nn.Conv2d, input_size: tuple[int, int], output_size: tuple[int, int], pixels: int,
+                    batch: int, dtype: torch.dtype) -> tuple[int, int]:
+    height, full_width = output_size
+    first = -(-pixels // height)
+    candidates = list(range(first, min(first + 4, full_width)))
+    width = first + 4
+    while width < full_width:
+        candidates.append(width)
+        width *= 2
+    x, y = _pointwise_reference(conv, input_size, output_size, batch, dtype)
+    for width in candidates:
+        count = height * width
+        with torch.no_grad():
+            candidate = _unit_pointwise(conv, x[..., :count].reshape(batch, -1, height, width), input_size)
+        if torch.equal(candidate.reshape(batch, y.shape[1], count), y[..., :count]):
+            return height, width
+    return height, full_width
 
 
 def _unit_pointwise(conv: nn.Conv2d, x: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:

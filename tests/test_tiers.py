@@ -261,3 +261,20 @@ def test_the_planner_learns_a_tier_slower_than_its_model_and_moves_work_off_it()
     for _ in range(3):  # the re-partitioner's hysteresis wants a better plan to stay better for a while
         plan = planner.update(links, slower)
     assert sum(1 for tier in plan.assignment.values() if tier == "edge") < on_edge, plan.assignment
+
+
+def test_a_local_cluster_whose_port_was_taken_starts_on_fresh_ports(tmp_path):
+    """free_port() is only a guess: another process can take the port before the daemon binds it."""
+    import socket
+
+    local = LocalCluster.create(edge_nodes=2, edge_slowdown=1.0, device_slowdown=1.0, workdir=str(tmp_path))
+    taken = int(local.cluster.edges[0].address.rsplit(":", 1)[1])
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        try:
+            local.start(timeout_s=60)
+            assert local.cluster.edges[0].address != f"tcp://127.0.0.1:{taken}"
+            assert str(local.cluster.edges[0].address) in local.path.read_text()
+        finally:
+            local.stop()

@@ -48,6 +48,9 @@ def free_port() -> int:
 
 
 # ------------------------------------------------------------------------------------- processes
+PORT_RETRIES = 3
+
+
 @dataclass
 class LocalCluster:
     """Cloud + edge daemons as child processes on loopback; a context manager that always kills them."""
@@ -93,9 +96,27 @@ class LocalCluster:
             self._spawn(spec.name, self._command("edge", "--name", spec.name, *self.extra_edge_args))
 
     def start(self, timeout_s: float = 60.0) -> "LocalCluster":
-        self.spawn_all()
-        self.wait_ready(timeout_s)
+        """Spawn every process and wait until all are ready. A port that ``free_port`` found free can be
+        taken before the daemon binds it (an outgoing connection's ephemeral port, seen in CI): then the
+        cluster restarts on fresh ports, up to ``PORT_RETRIES`` times."""
+        for attempt in range(PORT_RETRIES):
+            self.spawn_all()
+            try:
+                self.wait_ready(timeout_s)
+                return self
+            except RuntimeError as exc:
+                self.stop()
+                if "Address already in use" not in str(exc) or attempt == PORT_RETRIES - 1:
+                    raise
+                self._move_to_fresh_ports()
         return self
+
+    def _move_to_fresh_ports(self) -> None:
+        import dataclasses
+
+        edges = [dataclasses.replace(spec, address=f"tcp://127.0.0.1:{free_port()}") for spec in self.cluster.edges]
+        self.cluster = dataclasses.replace(self.cluster, cloud_url=f"http://127.0.0.1:{free_port()}", edges=edges)
+        self.path.write_text(self.cluster.to_toml())
 
     def wait_ready(self, timeout_s: float) -> None:
         """Until the cloud answers /healthz and every edge node sees all its peers."""
