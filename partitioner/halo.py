@@ -32,10 +32,9 @@ rounding only (~1 ulp per conv). On the zoo's models at the sizes tested none is
 """
 from __future__ import annotations
 
-import threading
-
 import math
 import operator
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -281,7 +280,7 @@ class TileOp:
 def untiled_conv_backend(conv: nn.Conv2d, input_size: tuple[int, int], batch: int, dtype: torch.dtype):
     """The backend aten picks for ``conv`` on its whole (untiled) input map, with this process's thread
     count and oneDNN setting (both enter aten's choice). Asked of aten itself, on an uninitialised map."""
-    key = (id(conv), input_size, batch, dtype, torch.get_num_threads(), torch.backends.mkldnn.is_available()
+    key = (_conv_key(conv), input_size, batch, dtype, torch.get_num_threads(), torch.backends.mkldnn.is_available()
            and torch.backends.mkldnn.enabled)
     if key not in _BACKENDS:
         probe = torch.empty((batch, conv.in_channels) + tuple(input_size), dtype=dtype)
@@ -293,6 +292,14 @@ def untiled_conv_backend(conv: nn.Conv2d, input_size: tuple[int, int], batch: in
 
 
 _BACKENDS: dict = {}
+
+
+def _conv_key(conv: nn.Conv2d) -> tuple:
+    """A conv's cache identity: its id *and* its geometry. An id alone is reused by a later conv once the
+    first is freed (a long test session), which then got the first conv's layout and lost exactness."""
+    return (id(conv), conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, str(conv.padding),
+            conv.dilation, conv.groups, conv.bias is not None)
+
 _LAYOUT_LOCK = threading.RLock()
 
 # aten itself sends maps up to this many elements (per image) to its slow conv: computing such a conv
@@ -324,7 +331,7 @@ def _compacting_is_exact(conv: nn.Conv2d, input_size: tuple[int, int], batch: in
     """Whether the strided 1x1 conv on the whole map rounds like a 1x1 conv on its subsampled pixels (it
     does when oneDNN compacts the input first, "reduce to unit stride"). Checked once on random data: a
     different reduction order shows in some of the thousands of outputs."""
-    key = ("compact", id(conv), input_size, batch, dtype, torch.get_num_threads())
+    key = ("compact", _conv_key(conv), input_size, batch, dtype, torch.get_num_threads())
     if key not in _BACKENDS:
         generator = torch.Generator().manual_seed(0)
         x = torch.randn((batch, conv.in_channels) + tuple(input_size), generator=generator).to(dtype)
@@ -343,7 +350,7 @@ def pointwise_layout(conv: nn.Conv2d, input_size: tuple[int, int], output_size: 
     random data (the blocking does not depend on the data, and a different one shows in some of the
     thousands of outputs). The untiled width always qualifies."""
     height, full_width = output_size
-    key = ("layout", id(conv), input_size, pixels, batch, dtype, torch.get_num_threads())
+    key = ("layout", _conv_key(conv), input_size, pixels, batch, dtype, torch.get_num_threads())
     if key in _BACKENDS:
         return _BACKENDS[key]
     # tiles of one stage run on parallel threads: one thread checks, the others wait for its answer (a
@@ -382,7 +389,7 @@ def _unit_pointwise(conv: nn.Conv2d, x: torch.Tensor, input_size: tuple[int, int
 def _pointwise_reference(conv: nn.Conv2d, input_size: tuple[int, int], output_size: tuple[int, int], batch: int,
                          dtype: torch.dtype):
     """Random pixels (flattened) and the untiled-shape 1x1 conv of them, once per conv and shape."""
-    key = ("pointwise-reference", id(conv), input_size, batch, dtype, torch.get_num_threads())
+    key = ("pointwise-reference", _conv_key(conv), input_size, batch, dtype, torch.get_num_threads())
     if key not in _BACKENDS:
         generator = torch.Generator().manual_seed(0)
         x = torch.randn((batch, conv.in_channels) + tuple(output_size), generator=generator).to(dtype)

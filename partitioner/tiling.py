@@ -571,6 +571,15 @@ def run_serial_stage(graph: ModelGraph, stage: SerialStage, values: Mapping[str,
     return dict(zip(stage.output_names, outputs))
 
 
+def caller_threads_pool(workers: int) -> ThreadPoolExecutor:
+    """A pool whose threads run torch at the caller's thread count. OpenMP keeps the count per thread: a new
+    thread starts at the default (OMP_NUM_THREADS or all cores), not at what ``torch.set_num_threads`` set
+    in the caller, and the thread count enters aten's conv choice and oneDNN's blocking. Tiles computed at
+    another count than the untiled run were not bit-exact (a test order that left 1 thread, seen in CI)."""
+    count = torch.get_num_threads()
+    return ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(count,))
+
+
 def run_edge_tiled(graph: ModelGraph, plan: EdgeTilingPlan, values: Mapping[str, Any],
                    tile_runner: TileRunner | None = None, workers: int | None = None) -> dict[str, Any]:
     """The edge segment, tiled: same contract as ``Segment.run``. ``tile_runner(stage_index, tile,
@@ -589,7 +598,7 @@ def run_edge_tiled(graph: ModelGraph, plan: EdgeTilingPlan, values: Mapping[str,
         jobs = [(tile, slice_inputs(stage, tile, env)) for tile in stage.tiles]
         threads = workers if workers is not None else (len(jobs) if tile_runner else 1)
         if threads > 1 and len(jobs) > 1:
-            with ThreadPoolExecutor(max_workers=min(threads, len(jobs))) as pool:
+            with caller_threads_pool(min(threads, len(jobs))) as pool:
                 results = list(pool.map(lambda job: runner(index, *job), jobs))
         else:
             results = [runner(index, tile, slices) for tile, slices in jobs]

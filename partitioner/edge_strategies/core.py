@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -30,8 +29,8 @@ import torch.nn.functional as F
 
 from partitioner.graph import ModelGraph
 from partitioner.halo import Region, region_area
-from partitioner.tiling import TiledStage, TileSpec, run_tile, slice_inputs, stage_from_dict, stitch, \
-    tile_ops, trace_regions
+from partitioner.tiling import TiledStage, TileSpec, caller_threads_pool, run_tile, slice_inputs, stage_from_dict, \
+    stitch, tile_ops, trace_regions
 
 DEFAULT_LINK_BPS = 1e9  # edge LAN: 1 Gbit/s
 DEFAULT_ITEM_OVERHEAD_S = 5e-4  # one remote item's round trip besides its bytes (ZeroMQ + wire format)
@@ -692,7 +691,7 @@ def run_edge_plan(graph: ModelGraph, plan: EdgePlan, values: Mapping[str, Any], 
         jobs = [(item, slice_item_inputs(graph, stage, item, env)) for item in stage.items]
         threads = workers if workers is not None else (len(jobs) if item_runner else 1)
         if threads > 1 and len(jobs) > 1:
-            with ThreadPoolExecutor(max_workers=min(threads, len(jobs))) as pool:
+            with caller_threads_pool(min(threads, len(jobs))) as pool:
                 results = list(pool.map(lambda job: runner(index, *job), jobs))
         else:
             results = [runner(index, item, slices) for item, slices in jobs]
