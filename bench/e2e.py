@@ -98,6 +98,8 @@ class WorkerState:
     device_log: Path | None
     cgroup: str | None
     joined: bool = False
+    machine: object = None  # this machine's per-node model at one thread (set by _prewarm)
+    slowdowns: dict = field(default_factory=dict)  # each tier against it
 
 
 def _worker_setup(args) -> WorkerState:
@@ -171,13 +173,6 @@ def _run_strategy(state: WorkerState, command: dict) -> None:
     with _make_client(state, command["strategy"], links) as client:
         # warm-up: every tier builds this plan's segments (and the edge its tiling) once, unmeasured
         client.infer(state.x)
-        if state.cgroup and not state.joined:
-            # `ip netns exec` hides the host's /sys/fs/cgroup: the orchestrator moves us into the device's
-            # cgroup; from then on the device is as slow as its quota
-            _emit(event="join", pid=os.getpid(), cgroup=state.cgroup)
-            sys.stdin.readline()
-            state.joined = True
-            client.infer(state.x)
         _emit(event="warm", plan=_describe(client.plan))
         go = json.loads(sys.stdin.readline())
         t0, deadline = go["t0"], go["t0"] + command["max_s"]
@@ -193,6 +188,55 @@ def _run_strategy(state: WorkerState, command: dict) -> None:
             _emit(event="request", **_one_request(state, client, t0))
         _emit(event="done", repartitions=_repartitions(client) - repartitions0, plan=_describe(client.plan),
               plans_used=sorted(set(plans_used)), probes=prober.probes if prober else 0)
+
+
+def _join_device_cgroup(state: WorkerState) -> None:
+    """`ip netns exec` hides the host's /sys/fs/cgroup: the orchestrator moves us into the device's cgroup;
+    from then on the device is as slow as its quota."""
+    _emit(event="join", pid=os.getpid(), cgroup=state.cgroup)
+    sys.stdin.readline()
+    state.joined = True
+
+
+DEVICE_CALIBRATION_MS = 20.0  # of this machine's unthrottled time: ~200 ms on a 0.1-CPU device
+
+
+def _calibrate_device(state: WorkerState, device_cpu: float) -> dict:
+    """The device's speed measured under its quota, as a deployment calibrates a tier where it runs: a
+    prefix of the model (about ``DEVICE_CALIBRATION_MS`` at full speed) runs on the device through the
+    runtime, the rest on one edge node. The quota alone said 10x for a 0.1-CPU device; measured it was
+    15-20x (a throttled process also finds its caches cold), and a planner told 10x put mobilenet_v2's first
+    32 nodes on the device, where they took 600-900 ms instead of ~400. Every strategy plans with this."""
+    import statistics as stats
+
+    from partitioner.cost import TierModels
+    from partitioner.plan import Plan
+    from tiers.device import Client
+
+    machine = state.machine
+    node_s = machine.node_seconds(state.graph)
+    prefix, prefix_s = [], 0.0
+    for name in state.graph.order:
+        if prefix_s >= DEVICE_CALIBRATION_MS / 1e3 and len(prefix) < len(state.graph.order) - 1:
+            break
+        prefix.append(name)
+        prefix_s += node_s.get(name, 0.0)
+    on_device = set(prefix)
+    plan = Plan(state.model, tuple(state.graph.input_shape),
+                {n: "device" if n in on_device else "edge" for n in state.graph.order},
+                edge_weights=[1.0], strategy="calibrate_device")
+    with Client(state.model, edge=state.cluster.edges[0].address, cloud=state.cluster.cloud_url,
+                plan=plan, timeout_s=300) as client:
+        for _ in range(3):
+            client.infer(state.x)
+        measured_s = stats.median(t.device_s for t in client.timings[-2:])
+    slowdowns = dict(state.slowdowns, device=measured_s / prefix_s)
+    state.slowdowns = slowdowns
+    state.tiers = TierModels(device=machine.scaled(slowdowns["device"]), edge=machine.scaled(slowdowns["edge"]),
+                             cloud=machine.scaled(slowdowns["cloud"]))
+    return {"device_prefix_nodes": len(prefix), "device_prefix_ms": round(measured_s * 1e3, 1),
+            "slowdowns": {k: round(v, 2) for k, v in slowdowns.items()},
+            "device_quota_said": round(1 / device_cpu, 2)}
 
 
 def _repartitions(client) -> int:
@@ -232,6 +276,7 @@ def _prewarm(state: WorkerState, device_cpu: float) -> dict:
     slowdowns = {"device": 1 / device_cpu, "edge": measured["edge"] / machine_s, "cloud": measured["cloud"] / machine_s}
     state.tiers = TierModels(device=machine.scaled(slowdowns["device"]), edge=machine.scaled(slowdowns["edge"]),
                              cloud=machine.scaled(slowdowns["cloud"]))
+    state.machine, state.slowdowns = machine, slowdowns
     return {"machine_ms": round(machine_s * 1e3, 1), "edge_one_node_ms": round(measured["edge"] * 1e3, 1),
             f"edge_{len(weights)}_nodes_ms": round(measured["edge_split"] * 1e3, 1),
             "edge_split_ran": measured["edge_split_ran"], "cloud_ms": round(measured["cloud"] * 1e3, 1),
@@ -264,6 +309,10 @@ class IdleProber:
 def run_worker(args) -> int:
     state = _worker_setup(args)
     calibration = {} if args.no_prewarm else _prewarm(state, args.device_cpu)
+    if state.cgroup:
+        _join_device_cgroup(state)
+        if not args.no_prewarm:
+            calibration.update(_calibrate_device(state, args.device_cpu))
     _emit(event="ready", shape=list(state.graph.input_shape), calibration=calibration)
     for line in sys.stdin:
         command = json.loads(line)
@@ -322,7 +371,16 @@ class Worker:
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         self.process = subprocess.Popen(netns.in_ns(PREFIX + "device", command), stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
-        self.calibration = self.expect("ready")["calibration"]
+        message = self.read()
+        if message.get("event") == "join":  # put the device process into the device's cgroup
+            from deploy import cgroups
+
+            cgroups.add_pid(message["cgroup"], message["pid"])
+            self.send(joined=True)
+            message = self.read()
+        if message.get("event") != "ready":
+            raise RuntimeError(message.get("error", f"device worker said {message} while 'ready' was expected"))
+        self.calibration = message["calibration"]
 
     def send(self, **command) -> None:
         self.process.stdin.write(json.dumps(command) + "\n")
@@ -369,12 +427,6 @@ def run_one(worker: Worker, model: str, scenario: str, strategy: str, traces: di
                 min_requests=opts.min_requests, max_s=opts.max_s)
     try:
         message = worker.read()
-        if message.get("event") == "join":  # the worker's first run: put it into the device's cgroup
-            from deploy import cgroups
-
-            cgroups.add_pid(message["cgroup"], message["pid"])
-            worker.send(joined=True)
-            message = worker.read()
         if message.get("event") != "warm":
             raise RuntimeError(message.get("error", f"unexpected {message}"))
     except RuntimeError as exc:

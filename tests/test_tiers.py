@@ -250,6 +250,10 @@ def test_the_planner_learns_a_tier_slower_than_its_model_and_moves_work_off_it()
     assert factors["edge"] == pytest.approx(2.0, rel=0.01) and factors["cloud"] == 1.0 and factors["device"] == 1.0
     assert learned_compute_factors({t: 1.0 for t in COMPUTE_TIERS}, {"edge": 10.0},
                                    RequestTiming(0, "d3", edge_s=100.0))["edge"] == 4.0  # bounded
+    # the device times its own stage: one request is enough, and a plan measured slow on it is not retried
+    device_once = learned_compute_factors({t: 1.0 for t in COMPUTE_TIERS}, {"device": 400.0, "edge": 50.0},
+                                          RequestTiming(0, "d3", device_s=0.7, edge_s=0.05))
+    assert device_once["device"] == pytest.approx(1.75) and device_once["edge"] == pytest.approx(1.0)
 
     graph = zoo_graph("resnet18", (1, 3, 224, 224))
     tiers = TierModels.default()

@@ -23,6 +23,7 @@ import zmq
 import zmq.asyncio
 
 from partitioner.plan import Plan
+from partitioner.streaming import DEFAULT_BANDS
 from tiers import transport, wire
 from tiers.runtime import ModelStore, PlanEntry, timed_run
 from tiers.wire import Message, WireError
@@ -72,9 +73,14 @@ class LinkEstimator:
 
 
 COMPUTE_TIERS = ("device", "edge", "cloud")
-# Learning a tier's real speed from measured stage times: each request moves the correction halfway (in log
-# space) toward measured / predicted, within these bounds; stages predicted shorter than the floor say little.
-COMPUTE_LEARNING_RATE, COMPUTE_FACTOR_BOUNDS, COMPUTE_STAGE_FLOOR_MS = 0.5, (0.25, 4.0), 5.0
+# Learning a tier's real speed from measured stage times: each request moves the correction toward measured /
+# predicted (in log space), within these bounds; stages predicted shorter than the floor say little. The edge's
+# and the cloud's times include splitting, scheduling among nodes and the edge's strategy trials, so one request
+# moves them halfway. The device times its own stage in process, with nothing else in it: one measurement is
+# taken whole. Halfway there, the re-partitioner went back to a device plan measured 1.5-2x its prediction
+# (mobilenet_v2 at 448x448 on a 0.1-CPU device: 4 re-partitions, each device request 600-800 ms).
+COMPUTE_LEARNING_RATES = {"device": 1.0, "edge": 0.5, "cloud": 0.5}
+COMPUTE_FACTOR_BOUNDS, COMPUTE_STAGE_FLOOR_MS = (0.25, 4.0), 5.0
 
 
 def learned_compute_factors(factors: dict[str, float], stages_ms: dict | None,
@@ -89,7 +95,7 @@ def learned_compute_factors(factors: dict[str, float], stages_ms: dict | None,
     for tier in COMPUTE_TIERS:
         predicted_ms, measured_s = (stages_ms or {}).get(tier, 0.0), getattr(timing, f"{tier}_s", 0.0)
         if predicted_ms >= COMPUTE_STAGE_FLOOR_MS and measured_s > 0:
-            factor = learned[tier] * (measured_s * 1e3 / predicted_ms) ** COMPUTE_LEARNING_RATE
+            factor = learned[tier] * (measured_s * 1e3 / predicted_ms) ** COMPUTE_LEARNING_RATES[tier]
             learned[tier] = min(high, max(low, factor))
     return learned
 
@@ -139,7 +145,7 @@ class Client:
                  weights: str | None = None, links=None, tiers=None, edge_weights=(1.0,),
                  slowdown: float = 1.0, shapers: dict | None = None, repartition: bool = True,
                  timeout_s: float = 120.0, store: ModelStore | None = None, security=None,
-                 edge_strategy: str | None = None):
+                 edge_strategy: str | None = None, stream_bands: int = DEFAULT_BANDS):
         self.model = model
         self.edge_address = edge
         self.cloud_url = cloud.rstrip("/") if cloud else None
@@ -153,6 +159,9 @@ class Client:
         self._links0, self._tiers, self._edge_weights = links, tiers, edge_weights
         self.repartition = repartition and plan is None
         self.edge_strategy = edge_strategy  # None: as each plan says; a name: stamped on every plan sent
+        # row bands the edge input is sent in when the edge may compute on it as it arrives (0/1: one message)
+        self.stream_bands = stream_bands
+        self._stream_splits: dict[tuple, tuple | None] = {}  # (plan digest, strategy) -> (name, bands, tiles)
         self.input_shape = tuple(plan.input_shape) if plan is not None else input_shape
         self.planner: _Planner | None = None
         self.links = LinkEstimator()
@@ -249,7 +258,28 @@ class Client:
         digest = wire.plan_digest(plan_json)
         if not self.store.has_plan(digest):
             self.store.add_plan(plan_json)
-        return self.store._plans[digest]
+        entry = self.store._plans[digest]
+        self._stream_split(entry, plan)  # planned here, off the request's path
+        return entry
+
+    def _stream_split(self, entry: PlanEntry, plan: Plan) -> tuple | None:
+        """(tensor name, row bands, row tiles) to send this plan's edge input in, or None for one message.
+        Only where the edge may run the first stage on the bands as they come: ``auto`` over several edge
+        nodes measures that beside its other candidates (``STREAM`` in partitioner/edge_strategies/online.py)."""
+        key = (wire.plan_digest(entry.plan_json), plan.edge_strategy)
+        if key not in self._stream_splits:
+            split = None
+            segment = entry.segmented.edge
+            if self.stream_bands >= 2 and plan.edge_strategy == "auto" and len(plan.edge_weights) > 1 \
+                    and segment.node_names:
+                from partitioner.streaming import plan_streamed_head
+
+                head = plan_streamed_head(entry.graph, segment.node_names, segment.input_names,
+                                          segment.output_names, self.stream_bands)
+                if head is not None:
+                    split = (head.stream_name, head.bands(), len(head.head.tiles))
+            self._stream_splits[key] = split
+        return self._stream_splits[key]
 
     def _with_edge_strategy(self, plan: Plan) -> Plan:
         if self.edge_strategy is None or plan.edge_strategy == self.edge_strategy:
@@ -349,12 +379,20 @@ class Client:
 
     async def _send_edge(self, entry: PlanEntry, plan: Plan, tensors: dict, timing: RequestTiming,
                          extra_meta: dict | None = None) -> Message:
+        split = self._stream_split(entry, plan)
+
         async def send(request: Message):
             future = self._loop.create_future()
             self._pending[request.request_id] = future
             start = time.perf_counter()
+            messages = [request]
+            if split is not None and split[0] in request.tensors:
+                from tiers.bands import split_message
+
+                messages = split_message(request, *split)
             try:
-                await transport.send_zmq(self._dealer, request, shaper=self.shapers.get("device_edge"))
+                for message in messages:
+                    await transport.send_zmq(self._dealer, message, shaper=self.shapers.get("device_edge"))
                 reply = await asyncio.wait_for(future, self.timeout_s)
             except asyncio.TimeoutError:
                 raise TierError(f"edge node {self.edge_address} did not answer within {self.timeout_s:.0f} s",

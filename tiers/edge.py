@@ -11,7 +11,9 @@ over HTTP (or answers the device at once when the cloud segment is empty). Nodes
 and their speed every ``heartbeat_s``; a peer silent for ``peer_timeout_s`` leaves the tiling, and a tile
 sent to a peer that does not answer within ``tile_timeout_s`` is re-run on this node. Items travel as
 ``tile`` messages whose meta names the edge stage and item (``item_meta``); the older tile-only meta
-(``stage``/``tile``) is still served.
+(``stage``/``tile``) is still served. A request whose input comes in row bands (``tiers/bands.py``) is
+assembled here as the bands arrive; under ``auto`` the first stage can run on them as they come
+(``partitioner/streaming.py``).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import zmq
 import zmq.asyncio
 
 from tiers import guard, transport, wire
+from tiers.bands import BAND_KIND, STREAM_META, RowStream, StreamError
 from tiers.runtime import Metrics, ModelStore, PlanEntry, RequestError, check_inputs, timed_run
 from tiers.wire import Message, WireError
 
@@ -76,6 +79,8 @@ class EdgeDaemon:
         self._pending: dict[str, asyncio.Future] = {}
         self._tilings: dict[tuple, object] = {}  # (plan digest, strategy, node speeds) -> EdgePlan
         self._selectors: dict[tuple, object] = {}  # the same key, strategy "auto" -> OnlineSelector
+        self._streams: dict[str, RowStream] = {}  # request id -> its input arriving in bands
+        self._streamed_heads: dict[tuple, object] = {}  # (edge work, tiles) -> StreamedHead or None
         self._cloud_plans: set[str] = set()  # plan ids the cloud has been sent
         self._tasks: list[asyncio.Task] = []
         self.tiles_rerun = 0
@@ -165,7 +170,26 @@ class EdgeDaemon:
             if isinstance(message, Message) and message.kind == "hello":
                 self._note_hello(message)
                 continue
+            if isinstance(message, Message) and message.kind == BAND_KIND:
+                self._feed_band(message)
+                continue
+            if isinstance(message, Message) and message.kind == "infer" and STREAM_META in message.meta:
+                # registered before the next message is read: the request's bands follow right behind it
+                try:
+                    self._streams[message.request_id] = RowStream(message)
+                except StreamError as exc:
+                    message.meta["stream_error"] = str(exc)
             asyncio.create_task(self._serve(identity, message))
+
+    def _feed_band(self, message: Message) -> None:
+        stream = self._streams.get(message.request_id)
+        if stream is None:  # the request already failed (or never streamed): nothing waits for it
+            log.debug("band for unknown request %s dropped", message.request_id)
+            return
+        try:
+            stream.feed(message)
+        except StreamError as exc:
+            stream.fail(str(exc))
 
     def _note_hello(self, message: Message) -> None:
         name, speed = message.meta.get("name"), message.meta.get("speed", 1.0)
@@ -204,6 +228,7 @@ class EdgeDaemon:
             reply, outcome = wire.error_message(request_id, f"{type(exc).__name__}: {exc}", "internal"), "internal"
         finally:
             self.metrics.in_flight -= 1
+            self._streams.pop(request_id, None)
         if message is not None and getattr(message, "kind", "") != "status":
             self.metrics.record(outcome, time.perf_counter() - start, bytes_in, reply.tensor_bytes)
         try:
@@ -226,6 +251,9 @@ class EdgeDaemon:
     async def _infer(self, message: Message) -> Message:
         start = time.perf_counter()
         deadline = guard.deadline_from(message.meta)
+        if "stream_error" in message.meta:
+            raise RequestError(f"streamed input: {message.meta['stream_error']}", "bad_stream")
+        stream = self._streams.get(message.request_id) if STREAM_META in message.meta else None
         entry = await self._resolve(message)
         self.replays.check(message.request_id)  # after resolve: a resend for unknown_plan is no replay
         edge, cloud = entry.segmented.edge, entry.segmented.cloud
@@ -234,7 +262,11 @@ class EdgeDaemon:
         guard.check_deadline(deadline, "before the edge started computing")
         # the plan says over how many nodes to spread the edge segment (1 = untiled, e.g. a baseline)
         nodes = self.alive_nodes()[:max(1, len(entry.plan.edge_weights))]
-        edge_outputs, edge_s, edge_strategy = await self._run_edge(entry, message.tensors, nodes)
+        edge_outputs, edge_s, edge_strategy = await self._run_edge(entry, message.tensors, nodes, stream,
+                                                                   guard.remaining_s(deadline, 120.0))
+        if stream is not None:  # whatever ran, the whole input is here now (the cloud may read it too)
+            await self._complete(stream, guard.remaining_s(deadline, 120.0))
+            start = max(start, stream.arrived_at)  # the device times the upload until the last band
         values = {**message.tensors, **edge_outputs}
         outputs = {name: values[name] for name in entry.graph.output_names
                    if name in edge_outputs}
@@ -292,13 +324,36 @@ class EdgeDaemon:
             return reply, max(elapsed - float(reply.meta.get("server_s", reply.meta.get("cloud_s", 0.0))), 1e-6)
         raise RequestError("cloud kept refusing the plan", "unknown_plan")
 
-    async def _run_edge(self, entry: PlanEntry, values: dict,
-                        nodes: list[tuple[str, float]]) -> tuple[dict, float, str]:
-        """(edge segment outputs, seconds, the edge strategy that ran: a name, "whole" or "")."""
+    async def _complete(self, stream: RowStream, timeout_s: float) -> None:
+        try:
+            await stream.wait_complete(timeout_s)
+        except StreamError as exc:
+            raise RequestError(str(exc), "incomplete_stream") from None
+
+    async def _run_edge(self, entry: PlanEntry, values: dict, nodes: list[tuple[str, float]],
+                        stream: RowStream | None = None, timeout_s: float = 120.0) -> tuple[dict, float, str]:
+        """(edge segment outputs, seconds, the edge strategy that ran: a name, "whole", "stream" or "").
+        On a streamed input the seconds count from the last band's arrival (what the request waits)."""
+        from partitioner.edge_strategies.online import STREAM, WHOLE
+
         segment = entry.segmented.edge
         if not segment.node_names:
             return {}, 0.0, ""
         edge_plan = await self._tiling_for(entry, nodes) if len(nodes) > 1 else None
+        selector = self._selectors.get(self._tiling_key(entry, nodes)) if len(nodes) > 1 and \
+            self.edge_strategy_of(entry) == "auto" else None
+        head = await self._streamed_head(entry, stream) if stream is not None and selector is not None else None
+        if head is not None:
+            selector.add_candidate(STREAM)
+        if head is not None and selector.choose_name() == STREAM:
+            outputs, seconds, times = await self._run_streamed(entry, head, values, stream, timeout_s)
+            selector.note_transfer(stream.transfer_s)
+            selector.record_stream(times, seconds)
+            return outputs, seconds, STREAM
+        if stream is not None:
+            await self._complete(stream, timeout_s)
+            if selector is not None:
+                selector.note_transfer(stream.transfer_s)
         if edge_plan is None:
             outputs, seconds = await self.loop.run_in_executor(
                 self.executor, lambda: timed_run(lambda: segment.run(values), self.config.slowdown))
@@ -310,13 +365,44 @@ class EdgeDaemon:
             outputs, seconds = await self.loop.run_in_executor(
                 self.executor, lambda: timed_run(lambda: run_edge_plan(entry.graph, edge_plan, values, runner)))
             ran = edge_plan.strategy
-        selector = self._selectors.get(self._tiling_key(entry, nodes)) if len(nodes) > 1 and \
-            self.edge_strategy_of(entry) == "auto" else None
         if selector is not None:  # feed the measurement back to auto's trial ("whole" is one of its candidates)
-            from partitioner.edge_strategies.online import WHOLE
-
             selector.record(WHOLE if edge_plan is None else ran, seconds)
         return outputs, seconds, ran
+
+    async def _streamed_head(self, entry: PlanEntry, stream: RowStream):
+        """The segment's streamed head for this stream's tiling (cached per edge work), or None."""
+        from partitioner.streaming import plan_streamed_head
+
+        segment = entry.segmented.edge
+        key = (self._tiling_key(entry, [])[0], stream.name, stream.tiles)
+        if key not in self._streamed_heads:
+            head = await self.loop.run_in_executor(self.executor, lambda: plan_streamed_head(
+                entry.graph, segment.node_names, segment.input_names, segment.output_names, stream.tiles))
+            self._streamed_heads[key] = head if head is not None and head.stream_name == stream.name else None
+        return self._streamed_heads[key]
+
+    async def _run_streamed(self, entry: PlanEntry, head, values: dict, stream: RowStream,
+                            timeout_s: float) -> tuple[dict, float, object]:
+        """The head's tiles here as their rows arrive, then the rest whole: (outputs, seconds after the
+        last band, StreamTimes)."""
+        from partitioner.streaming import run_streamed_head
+        from partitioner.tiling import run_tile
+
+        slowdown = self.config.slowdown
+
+        def tile_here(tile, slices):  # each tile slowed down as it runs, so emulated nodes overlap too
+            return timed_run(lambda: run_tile(entry.graph, head.head, tile, slices), slowdown)[0]
+
+        def run():
+            return run_streamed_head(entry.graph, head, values, lambda row: stream.wait_rows(row, timeout_s),
+                                     tile_here)
+
+        started = time.perf_counter()
+        try:
+            (outputs, times), _ = await self.loop.run_in_executor(self.executor, lambda: timed_run(run, slowdown))
+        except StreamError as exc:
+            raise RequestError(str(exc), "incomplete_stream") from None
+        return outputs, time.perf_counter() - max(started, stream.arrived_at), times
 
     def edge_strategy_of(self, entry: PlanEntry) -> str:
         return self.config.edge_strategy or getattr(entry.plan, "edge_strategy", None) or "tiles"
