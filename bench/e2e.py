@@ -486,12 +486,14 @@ def format_table(results: list[RunResult]) -> str:
 
 
 def verdicts(results: list[RunResult]) -> list[str]:
-    """Per (model, scenario): is D3's median below every baseline's?"""
+    """Per (model, scenario): is D3's median below every baseline's? (d3_fixed, D3 with re-partitioning
+    off, is an ablation, not a baseline: it is reported in the table, not judged here.)"""
     out = []
     by_key = {(r.model, r.scenario, r.strategy): r for r in results}
+    baselines = [s for s in STRATEGIES if s not in ("d3", "d3_fixed")]
     for model, scenario in dict.fromkeys((r.model, r.scenario) for r in results):
         d3 = by_key.get((model, scenario, "d3"))
-        others = {s: by_key[(model, scenario, s)].median_ms for s in STRATEGIES[1:] if (model, scenario, s) in by_key}
+        others = {s: by_key[(model, scenario, s)].median_ms for s in baselines if (model, scenario, s) in by_key}
         if d3 is None or not others:
             continue
         best = min(others, key=others.get)

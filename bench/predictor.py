@@ -1,8 +1,10 @@
 """Leave-one-model-out accuracy of the kernel predictor (and, with --quota, of a calibrated CPU-quota tier).
 
-    .venv/bin/python bench/predictor.py [--sweep 400] [--segments 60] [--refresh] [--quota]
+    .venv/bin/python bench/predictor.py [--sweep 400] [--segments 60] [--sessions 3] [--refresh] [--quota]
 
-Profiles (cached in bench/out/, one file per model) are taken at 1 torch thread. For each held-out model
+Profiles (cached in bench/out/, one file per model and session) are taken at 1 torch thread; each model is
+profiled in ``--sessions`` processes spread over the run (every model once, then every model again, ...) and
+the sessions are merged into per-kernel and per-segment medians (``predictor.profiler.merge_sessions``). For each held-out model
 (resnet50, googlenet, mobilenet_v2, densenet121) a predictor is fitted on every other zoo model plus the
 synthetic sweeps, then scored on the held-out model's random contiguous segments.
 
@@ -40,14 +42,17 @@ def ensure_profiles(args) -> list[Path]:
     OUT.mkdir(parents=True, exist_ok=True)
     paths = []
     started = time.perf_counter()
-    for model in DEFAULT_TRAINING_MODELS:
-        path = OUT / "profiles" / f"{model}_seg{args.segments if model in HELD_OUT else 0}.jsonl"
-        if args.refresh or not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            segments = ["--segments", str(args.segments)] if model in HELD_OUT and args.segments else []
-            run(D3 + ["profile", model, *segments, "--out", str(path)])
-            print(f"# profiled {model} ({time.perf_counter() - started:.0f} s so far)", flush=True)
-        paths.append(path)
+    for session in range(1, args.sessions + 1):
+        for model in DEFAULT_TRAINING_MODELS:
+            suffix = "" if session == 1 else f"_s{session}"
+            path = OUT / "profiles" / f"{model}_seg{args.segments if model in HELD_OUT else 0}{suffix}.jsonl"
+            if args.refresh or not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                segments = ["--segments", str(args.segments)] if model in HELD_OUT and args.segments else []
+                run(D3 + ["profile", model, *segments, "--out", str(path)])
+                print(f"# profiled {model}, session {session} ({time.perf_counter() - started:.0f} s so far)",
+                      flush=True)
+            paths.append(path)
     if args.sweep:
         path = OUT / "profiles" / f"sweep{args.sweep}.jsonl"
         if args.refresh or not path.exists():
@@ -144,10 +149,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", type=int, default=400, help="random single-layer models to profile")
     parser.add_argument("--segments", type=int, default=60, help="random segments per held-out model")
+    parser.add_argument("--sessions", type=int, default=3,
+                        help="profiling processes per model, merged into medians (default 3)")
     parser.add_argument("--refresh", action="store_true", help="re-profile even if bench/out/ has profiles")
     parser.add_argument("--quota", action="store_true", help="also run the 25%% CPU-quota calibration demo")
     parser.add_argument("--quota-segments", type=int, default=25)
     args = parser.parse_args()
+    if args.sessions < 1:
+        parser.error(f"--sessions must be at least 1, got {args.sessions}")
     OUT.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     paths = ensure_profiles(args)

@@ -146,6 +146,8 @@ def test_bench_table_ratios_percentiles_and_verdicts():
     assert "same work as D3" in e2e.verdicts(results)[0]
     results[2].requests = [{"latency_ms": 500}]
     assert "beats every baseline" in e2e.verdicts(results)[0]
+    results.append(run("d3_fixed", [50], ["a"]))  # an ablation of D3, reported but not a baseline
+    assert "beats every baseline" in e2e.verdicts(results)[0]
 
 
 def test_bench_refuses_unknown_strategies():

@@ -255,3 +255,23 @@ def test_each_model_is_timed_in_a_session_of_its_own(graph_of, monkeypatch):
         torch.set_num_threads(2)
     assert sessions[:2] == [{"resnet18"}, {"mobilenet_v2"}]
     assert len(sessions) == 3 and all(name.startswith("sweep_") for name in sessions[2])
+
+
+def test_sessions_of_one_model_merge_into_the_median_of_each_kernel_and_segment(tmp_path):
+    """The machine's speed drifts between sessions: read together, profiles of the same model give one
+    record per kernel and per segment, at the median of the sessions' times."""
+    settings = ProfileSettings()
+    paths = []
+    for session, scale in enumerate((1.0, 1.3, 0.9)):
+        records = [{"type": "overhead", "model": "m", "input_shape": [1, 3, 8, 8], "median_s": 1e-5 * scale},
+                   {"type": "kernel", "model": "m", "input_shape": [1, 3, 8, 8], "nodes": ["conv"], "kind": "conv",
+                    "features": [1.0], "raw_s": 1e-3 * scale, "net_s": 1e-3 * scale},
+                   {"type": "segment", "model": "m", "input_shape": [1, 3, 8, 8], "start": 0, "end": 2,
+                    "median_s": 2e-3 * scale}]
+        paths.append(tmp_path / f"m_{session}.jsonl")
+        write_profile(paths[-1], profile_meta(settings, models=["m"]), records)
+    merged = read_profiles(paths)
+    assert len(merged.kernels) == len(merged.segments) == len(merged.overheads) == 1
+    assert merged.kernels[0]["net_s"] == pytest.approx(1e-3) and merged.kernels[0]["sessions"] == 3
+    assert merged.segments[0]["median_s"] == pytest.approx(2e-3)
+    assert len(read_profiles(paths, merge=False).kernels) == 3

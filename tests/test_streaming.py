@@ -137,8 +137,13 @@ def test_a_streamed_request_through_edge_daemons_is_exact_and_keeps_the_bandwidt
                 # streamed tiles are bit-exact; channel splits that sum partial results (iop) round differently
                 assert diff == 0.0 if ran[-1] == STREAM else diff < 1e-5, (ran, diff)
             estimate = client.links.bps["device_edge"]
+        from tiers.demo import edge_status
+
+        auto = edge_status(local.cluster.edges[0].address)["auto"]  # what auto measured, per edge segment
     finally:
         local.stop()
     assert STREAM in ran, ran
+    (measured,) = auto.values()
+    assert measured["ms"][STREAM] is not None and measured["stream_expected_ms"] > 0 and measured["transfer_ms"] > 0
     # the edge answers how long it worked after the last band, so the upload is timed whole
     assert 0.7 * rate_bps < estimate < 1.4 * rate_bps, (estimate, ran)

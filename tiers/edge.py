@@ -238,9 +238,14 @@ class EdgeDaemon:
 
     def status(self) -> dict:
         refused = {**self.refusals, "zap": self.auth.refused if self.auth else 0, "replayed": self.replays.refused}
+        # auto's measurements per edge segment it coordinated: median ms per candidate (None: untried)
+        auto = {key[0][:12]: {"ms": selector.summary(), "transfer_ms": round(selector.transfer_s * 1e3, 1),
+                              "stream_expected_ms": (round(selector.expected_s("stream") * 1e3, 1)
+                                                     if selector.stream_times else None)}
+                for key, selector in self._selectors.items()}
         return {"name": self.config.name, "alive": [name for name, _ in self.alive_nodes()],
                 "speed": self.config.announced_speed, "tiles_rerun": self.tiles_rerun, "refused": refused,
-                "metrics": self.metrics.snapshot()}
+                "metrics": self.metrics.snapshot(), "auto": auto}
 
     # ------------------------------------------------------------------------------------- requests
     async def _resolve(self, message: Message) -> PlanEntry:
