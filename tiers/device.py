@@ -23,7 +23,7 @@ import zmq
 import zmq.asyncio
 
 from partitioner.plan import Plan
-from partitioner.streaming import DEFAULT_BANDS
+from partitioner.streaming import DEFAULT_BANDS, plan_streamed_head
 from tiers import transport, wire
 from tiers.runtime import ModelStore, PlanEntry, timed_run
 from tiers.wire import Message, WireError
@@ -272,8 +272,6 @@ class Client:
             segment = entry.segmented.edge
             if self.stream_bands >= 2 and plan.edge_strategy == "auto" and len(plan.edge_weights) > 1 \
                     and segment.node_names:
-                from partitioner.streaming import plan_streamed_head
-
                 head = plan_streamed_head(entry.graph, segment.node_names, segment.input_names,
                                           segment.output_names, self.stream_bands)
                 if head is not None:
