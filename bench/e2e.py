@@ -100,6 +100,7 @@ class WorkerState:
     joined: bool = False
     machine: object = None  # this machine's per-node model at one thread (set by _prewarm)
     slowdowns: dict = field(default_factory=dict)  # each tier against it
+    clients: dict = field(default_factory=dict)  # strategy -> its open Client, kept across a scenario's rounds
 
 
 def _worker_setup(args) -> WorkerState:
@@ -167,17 +168,22 @@ def _one_request(state: WorkerState, client, t0: float) -> dict:
 
 
 def _run_strategy(state: WorkerState, command: dict) -> None:
+    """One stream (or one round of it: with ``keep`` the client, and all D3 has learned, stays open for the
+    strategy's next round, as a deployed client would)."""
     from partitioner.cost import Links
 
-    links = Links.mbps(*command["links_mbps"])
-    with _make_client(state, command["strategy"], links) as client:
+    strategy = command["strategy"]
+    client = state.clients.pop(strategy, None)
+    if client is None:
+        client = _make_client(state, strategy, Links.mbps(*command["links_mbps"]))
         # warm-up: every tier builds this plan's segments (and the edge its tiling) once, unmeasured
         client.infer(state.x)
+    try:
         _emit(event="warm", plan=_describe(client.plan))
         go = json.loads(sys.stdin.readline())
         t0, deadline = go["t0"], go["t0"] + command["max_s"]
         repartitions0 = _repartitions(client)
-        prober = IdleProber(client) if command["strategy"] == "d3" else None
+        prober = IdleProber(client) if strategy == "d3" else None
         plans_used = []
         for index in range(command["requests"]):
             if index >= command["min_requests"] and time.monotonic() > deadline:
@@ -188,6 +194,18 @@ def _run_strategy(state: WorkerState, command: dict) -> None:
             _emit(event="request", **_one_request(state, client, t0))
         _emit(event="done", repartitions=_repartitions(client) - repartitions0, plan=_describe(client.plan),
               plans_used=sorted(set(plans_used)), probes=prober.probes if prober else 0)
+    except BaseException:
+        client.close()
+        raise
+    if command.get("keep"):
+        state.clients[strategy] = client
+    else:
+        client.close()
+
+
+def _release_clients(state: WorkerState) -> None:
+    while state.clients:
+        state.clients.popitem()[1].close()
 
 
 def _join_device_cgroup(state: WorkerState) -> None:
@@ -318,6 +336,9 @@ def run_worker(args) -> int:
         command = json.loads(line)
         if command.get("cmd") == "quit":
             break
+        if command.get("cmd") == "release":  # the scenario's rounds are over
+            _release_clients(state)
+            continue
         try:
             _run_strategy(state, command)
         except Exception as exc:  # report and carry on with the next strategy
@@ -414,17 +435,31 @@ class Worker:
         self.log.close()
 
 
-def run_one(worker: Worker, model: str, scenario: str, strategy: str, traces: dict, opts) -> RunResult:
+def round_share(total: int, rounds: int, index: int) -> int:
+    """Round ``index``'s part of ``total`` requests: the parts add up to ``total`` (3 over 2 rounds: 2 + 1)."""
+    return -(-total * (index + 1) // rounds) - -(-total * index // rounds)
+
+
+def run_one(worker: Worker, model: str, scenario: str, strategy: str, traces: dict, opts,
+            round_index: int = 0) -> RunResult:
+    """One strategy's stream, or its round ``round_index`` of ``opts.rounds``: round k plays the k-th slice
+    of the trace window, so a strategy's rounds together play the same trace seconds as one long stream."""
     from traces.replay import TcApplier, replay
 
     result = RunResult(model, scenario, strategy, opts.topology)
-    window_s = opts.max_s * opts.speed  # trace seconds one run can play
-    links_mbps = [window_mean_mbps(traces[link], window_s) for link in LINKS]
+    round_s = opts.max_s / opts.rounds
+    window_s = round_s * opts.speed  # trace seconds one round plays
+    # twice the window: a request still running at the round's end keeps seeing the trace, not a frozen rate
+    round_traces = {link: trace.window(round_index * window_s, 2 * window_s) for link, trace in traces.items()}
+    # the plans (baselines plan once, D3 starts from it) see the mean over the whole stream, as without rounds
+    plan_mbps = [window_mean_mbps(traces[link], opts.max_s * opts.speed) for link in LINKS]
     applier = TcApplier(PREFIX)
-    for link, mbps in zip(LINKS, links_mbps):
-        applier.apply(link, mbps * 1e6)  # warm-up runs at the window's mean rate
-    worker.send(cmd="run", strategy=strategy, links_mbps=links_mbps, requests=opts.requests,
-                min_requests=opts.min_requests, max_s=opts.max_s)
+    for link in LINKS:
+        applier.apply(link, window_mean_mbps(round_traces[link], window_s) * 1e6)  # warm-up at the round's mean
+    worker.send(cmd="run", strategy=strategy, links_mbps=plan_mbps,
+                requests=round_share(opts.requests, opts.rounds, round_index),
+                min_requests=round_share(opts.min_requests, opts.rounds, round_index), max_s=round_s,
+                keep=opts.rounds > 1)
     try:
         message = worker.read()
         if message.get("event") != "warm":
@@ -435,7 +470,7 @@ def run_one(worker: Worker, model: str, scenario: str, strategy: str, traces: di
     stop = threading.Event()
     t0 = time.monotonic()
     player = threading.Thread(target=lambda: result.bandwidth.extend(
-        r.to_dict() for r in replay(traces, applier, opts.step_s, opts.speed, None, None, stop)), daemon=True)
+        r.to_dict() for r in replay(round_traces, applier, opts.step_s, opts.speed, None, None, stop)), daemon=True)
     player.start()
     worker.send(t0=t0)
     while True:
@@ -456,6 +491,39 @@ def run_one(worker: Worker, model: str, scenario: str, strategy: str, traces: di
     stop.set()
     player.join(10)
     return result
+
+
+def merge_round(total: RunResult, part: RunResult, shift_s: float, round_index: int) -> None:
+    """Add one round's requests to the strategy's result, on one time axis (round k starts at k x round)."""
+    total.requests.extend(dict(q, t_s=round(q["t_s"] + shift_s, 3), round=round_index) for q in part.requests)
+    total.bandwidth.extend(dict(b, wall_s=b["wall_s"] + shift_s) for b in part.bandwidth)
+    total.repartitions += part.repartitions
+    total.plan = part.plan or total.plan
+    total.plans_used = sorted(set(total.plans_used) | set(part.plans_used))
+    total.probes += part.probes
+    total.error = total.error or part.error
+
+
+def run_scenario(worker: Worker, model: str, scenario: str, traces: dict, opts, on_part=lambda partial: None) -> list[RunResult]:
+    """Every strategy's stream on one scenario, split into ``opts.rounds`` rounds in alternating order
+    (d3 first, then d3 last, ...): the host's speed drifts by 5-10% over minutes, and a strategy whose whole
+    stream fell into a slow stretch once lost a cell it wins otherwise."""
+    merged = {s: RunResult(model, scenario, s, opts.topology) for s in opts.strategies}
+    round_s = opts.max_s / opts.rounds
+    for index in range(opts.rounds):
+        order = opts.strategies if index % 2 == 0 else opts.strategies[::-1]
+        for strategy in order:
+            started = time.monotonic()
+            part = run_one(worker, model, scenario, strategy, traces, opts, index)
+            merge_round(merged[strategy], part, index * round_s, index)
+            rounds = f" round {index + 1}/{opts.rounds}" if opts.rounds > 1 else ""
+            print(f"  {model} {scenario} {strategy}{rounds}: {len(part.requests)} requests, median "
+                  f"{part.median_ms:.0f} ms, {time.monotonic() - started:.0f} s"
+                  + (f"; error {part.error}" if part.error else ""), flush=True)
+            on_part(list(merged.values()))
+    if opts.rounds > 1:
+        worker.send(cmd="release")
+    return list(merged.values())
 
 
 def check_outputs(results: list[RunResult]) -> float:
@@ -579,6 +647,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-s", type=float, default=None,
                         help="a strategy's stream lasts S wall seconds (default 24, quick 10)")
     parser.add_argument("--min-requests", type=int, default=3, help="even past --max-s (default 3)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="split each stream into this many rounds, strategies in alternating order, so that "
+                             "a slow stretch of the host does not fall on one strategy (default 2; 1 with --quick)")
     parser.add_argument("--speed", type=float, default=None, help="trace fast-forward (default 4)")
     parser.add_argument("--step-s", type=float, default=1.0, help="trace seconds per tc change (default 1)")
     parser.add_argument("--input-size", type=int, default=0,
@@ -595,14 +666,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.requests = args.requests or (30 if args.quick else 60)
         args.max_s = args.max_s or (10.0 if args.quick else 24.0)
         args.speed = args.speed or 4.0
+        args.rounds = args.rounds or (1 if args.quick else 2)
         args.models = [m.strip() for m in args.models.split(",") if m.strip()]
         args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
         args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
         unknown = [s for s in args.strategies if s not in STRATEGIES]
         if unknown:
             parser.error(f"unknown strategies {unknown}; known: {', '.join(STRATEGIES)}")
-        if args.requests < 1 or args.max_s <= 0 or args.speed <= 0:
-            parser.error("--requests, --max-s and --speed must be positive")
+        if args.requests < 1 or args.max_s <= 0 or args.speed <= 0 or args.rounds < 1:
+            parser.error("--requests, --max-s, --speed and --rounds must be positive")
+        if args.requests < args.rounds:
+            parser.error(f"--requests {args.requests} cannot fill {args.rounds} rounds")
         if args.input_size and not 32 <= args.input_size <= 2048:
             parser.error(f"--input-size must be 32..2048 pixels, got {args.input_size}")
     return args
@@ -637,7 +711,12 @@ def run_bench(args) -> int:
           for s, t in traces.items()) + f"; {shipped_link} {shipped_trace}; traces x{args.speed:g}", flush=True)
     results: list[RunResult] = []
     runs = [(m, s, k) for m in args.models for s in args.scenarios for k in args.strategies]
-    bar = tqdm(total=len(runs), desc="e2e runs", unit="run", disable=not sys.stderr.isatty())
+    bar = tqdm(total=len(runs) * args.rounds, desc="e2e runs", unit="run", disable=not sys.stderr.isatty())
+
+    def save(partial: list[RunResult]) -> None:
+        bar.update(1)
+        (out / "e2e.json").write_text(json.dumps([r.__dict__ for r in results + partial]))
+
     try:
         for model in args.models:
             fast = TcApplier(PREFIX)
@@ -648,12 +727,7 @@ def run_bench(args) -> int:
             print(f"  {model}: measured calibration {worker.calibration}", flush=True)
             try:
                 for scenario in args.scenarios:
-                    for strategy in args.strategies:
-                        print(f"  {model} {scenario} {strategy}", flush=True)
-                        result = run_one(worker, model, scenario, strategy, traces[scenario], args)
-                        results.append(result)
-                        bar.update(1)
-                        (out / "e2e.json").write_text(json.dumps([r.__dict__ for r in results]))
+                    results.extend(run_scenario(worker, model, scenario, traces[scenario], args, save))
             finally:
                 worker.close()
     finally:

@@ -156,3 +156,36 @@ def test_bench_refuses_unknown_strategies():
         e2e.parse_args(["--strategies", "d3,magic"])
     args = e2e.parse_args(["--quick", "--models", "resnet18"])
     assert args.models == ["resnet18"] and args.max_s == 10.0 and args.strategies == list(e2e.STRATEGIES)
+    assert args.rounds == 1 and e2e.parse_args(["--models", "resnet18"]).rounds == 2
+    with pytest.raises(SystemExit):
+        e2e.parse_args(["--rounds", "4", "--requests", "3"])
+
+
+def test_bench_rounds_alternate_the_strategies_and_merge_onto_one_time_axis():
+    """A stream split into rounds: d3 first in round 1, last in round 2; each strategy's requests add up
+    to the stream's, round 2's times follow round 1's, and the scenario's clients are released after."""
+    from types import SimpleNamespace
+
+    e2e = _bench_module()
+    assert [e2e.round_share(3, 2, i) for i in range(2)] == [2, 1]
+    assert [e2e.round_share(60, 3, i) for i in range(3)] == [20, 20, 20]
+    assert sum(e2e.round_share(7, 4, i) for i in range(4)) == 7
+    order, sent = [], []
+
+    def fake_run_one(worker, model, scenario, strategy, traces, opts, round_index):
+        order.append(strategy)
+        return e2e.RunResult(model, scenario, strategy, requests=[{"t_s": 1.0, "latency_ms": 10.0 * (1 + round_index)}],
+                             bandwidth=[{"wall_s": 0.5}], repartitions=1, plans_used=[f"p{round_index}"],
+                             plan={"round": round_index})
+
+    e2e.run_one = fake_run_one
+    worker = SimpleNamespace(send=lambda **command: sent.append(command))
+    opts = SimpleNamespace(strategies=["d3", "neurosurgeon", "cloud_only"], rounds=2, max_s=20.0, topology="local-edge")
+    results = e2e.run_scenario(worker, "resnet18", "lte", {}, opts)
+    assert order == ["d3", "neurosurgeon", "cloud_only", "cloud_only", "neurosurgeon", "d3"]
+    assert sent == [{"cmd": "release"}]
+    d3 = results[0]
+    assert d3.strategy == "d3" and [q["t_s"] for q in d3.requests] == [1.0, 11.0]
+    assert [q["round"] for q in d3.requests] == [0, 1] and d3.median_ms == 15.0
+    assert [b["wall_s"] for b in d3.bandwidth] == [0.5, 10.5]
+    assert d3.repartitions == 2 and d3.plans_used == ["p0", "p1"] and d3.plan == {"round": 1}

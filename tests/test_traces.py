@@ -99,6 +99,21 @@ def test_scale_clip_loop():
         trace.clipped(5, 1)
 
 
+def test_a_window_carries_the_same_bits_as_that_span_of_the_trace():
+    trace = BandwidthTrace(np.array([10.0, 11.0, 13.0]), np.array([2.0, 10.0, 4.0]), np.array([40.0, 80.0, 60.0]),
+                           end_s=14.0)
+    for offset, duration in ((0.0, 4.0), (0.5, 2.0), (2.5, 3.0), (3.5, 6.0)):  # inside, across samples, looping
+        part = trace.window(offset, duration)
+        assert part.start_s == 0.0 and part.duration_s == pytest.approx(duration)
+        assert part.bits_between(0.0, duration) == pytest.approx(trace.bits_between(10.0 + offset, 10.0 + offset + duration))
+    part = trace.window(1.5, 2.0)
+    np.testing.assert_allclose(part.times_s, [0.0, 1.5])
+    np.testing.assert_allclose(part.mbps, [10.0, 4.0])
+    np.testing.assert_allclose(part.rtt_ms, [80.0, 60.0])
+    with pytest.raises(ValueError, match="window"):
+        trace.window(-1.0, 2.0)
+
+
 def test_builtin_traces_load_and_are_reproducible(tmp_path):
     from traces.generate import write_all
 

@@ -145,6 +145,20 @@ class BandwidthTrace:
         return BandwidthTrace(times[keep], np.tile(self.mbps, repeats)[keep], rtt, self.name,
                               end_s=float(duration_s))
 
+    def window(self, offset_s: float, duration_s: float) -> "BandwidthTrace":
+        """The ``duration_s`` seconds that start ``offset_s`` after the trace's start, as a trace starting
+        at 0 (the trace loops past its end). Carries exactly the bits the original carries over that span."""
+        if not offset_s >= 0 or not duration_s > 0:
+            raise ValueError(f"window needs offset >= 0 s and duration > 0 s, got {offset_s} and {duration_s}")
+        t0, t1 = offset_s, offset_s + duration_s
+        base = self.shifted_to_zero().looped(t1)
+        first = int(base._index(t0))
+        keep = (base.times_s > t0) & (base.times_s < t1)
+        rtt = None if base.rtt_ms is None else np.concatenate([[base.rtt_ms[first]], base.rtt_ms[keep]])
+        return BandwidthTrace(np.concatenate([[t0], base.times_s[keep]]) - t0,
+                              np.concatenate([[base.mbps[first]], base.mbps[keep]]), rtt, self.name,
+                              end_s=float(duration_s))
+
     def shifted_to_zero(self) -> "BandwidthTrace":
         return replace(self, times_s=self.times_s - self.start_s, end_s=self.end_s - self.start_s)
 
