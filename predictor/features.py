@@ -18,6 +18,21 @@ FEATURES = (
     "in_channels", "out_channels", "out_hw", "n_inputs", "has_bn", "has_act", "depthwise", "channels_per_group",
 )
 
+# Kinds that stream their input once (memory bound, no reduction over a window): a kind the profiles never
+# saw (densenet121's pre-activation batch norms, held out) is predicted by one regressor pooled over these.
+ELEMENTWISE_KINDS = ("activation", "add", "mul", "sub", "div", "bn")
+ELEMENTWISE = "*elementwise"  # the pooled regressor's key
+
+
+def regressor_key(kind: str, features) -> str:
+    """Which regressor predicts a kernel: its op kind, except that depthwise convs (memory bound, a few
+    FLOPs per byte) get their own: fitted together with dense convs, MobileNetV2's were predicted 47% too
+    fast."""
+    if kind == "conv" and features[FEATURES.index("depthwise")]:
+        return "conv_dw"
+    return kind
+
+
 # (tail kind, next kind) pairs that are one kernel when the tail's only consumer is the next node.
 _FUSIBLE = {("conv", "bn"), ("conv", "activation"), ("bn", "activation"), ("linear", "activation")}
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from partitioner.graph import ModelGraph
-from predictor.features import FEATURES, group_kernels
+from predictor.features import ELEMENTWISE, ELEMENTWISE_KINDS, FEATURES, group_kernels, regressor_key
 from predictor.profiler import Profile
 from predictor.regressors import FAMILIES, Regressor, select_and_fit
 
@@ -39,16 +39,26 @@ class KernelPredictor:
     def per_call_overhead_s(self) -> float:
         return self.overhead_s * self.scale
 
+    def regressor_for(self, kind: str, features) -> Regressor | None:
+        """The kernel's own regressor; else its op kind's (files fitted before depthwise convs had theirs);
+        else, for a kind that does arithmetic, the pooled elementwise one; else None (the fallback)."""
+        regressor = self.regressors.get(regressor_key(kind, features)) or self.regressors.get(kind)
+        if regressor is None and kind not in _TRIVIAL_KINDS:
+            regressor = self.regressors.get(ELEMENTWISE)
+        return regressor
+
     def kernel_seconds(self, kinds: list[str], features: np.ndarray) -> np.ndarray:
         features = np.asarray(features, dtype=float).reshape(len(kinds), len(FEATURES))
         seconds = np.full(len(kinds), self.fallback_s)
-        by_kind: dict[str, list[int]] = defaultdict(list)
+        by_regressor: dict[int, list[int]] = defaultdict(list)
+        regressors = {}
         for index, kind in enumerate(kinds):
-            by_kind[kind].append(index)
-        for kind, rows in by_kind.items():
-            regressor = self.regressors.get(kind)
+            regressor = self.regressor_for(kind, features[index])
             if regressor is not None:
-                seconds[rows] = regressor.predict(features[rows])
+                regressors[id(regressor)] = regressor
+                by_regressor[id(regressor)].append(index)
+        for key, rows in by_regressor.items():
+            seconds[rows] = regressors[key].predict(features[rows])
         return seconds * self.scale
 
     def node_seconds(self, graph: ModelGraph) -> dict[str, float]:
@@ -125,13 +135,17 @@ def fit_predictor(profile: Profile, exclude_models: tuple[str, ...] = (), famili
         raise ValueError("the profiles hold no kernel records to fit (after exclusions)")
     by_kind: dict[str, list[dict]] = defaultdict(list)
     for record in kernels:
-        by_kind[record["kind"]].append(record)
+        by_kind[regressor_key(record["kind"], record["features"])].append(record)
+        if record["kind"] in ELEMENTWISE_KINDS:
+            by_kind[ELEMENTWISE].append(record)
     regressors = {}
     for kind, records in tqdm(sorted(by_kind.items()), desc="fitting", disable=not progress, leave=False):
         x = np.array([r["features"] for r in records], dtype=float)
         y = np.array([r["net_s"] for r in records], dtype=float)
         groups = np.array([r["model"] for r in records])
-        regressors[kind] = select_and_fit(x, y, groups, families)
+        # the pooled regressor stands in for kinds nobody profiled: only the roofline-style family
+        # extrapolates to them
+        regressors[kind] = select_and_fit(x, y, groups, ("linear",) if kind == ELEMENTWISE else families)
     overheads = [o["median_s"] for o in profile.overheads if o["model"] not in exclude_models]
     trivial = [k["net_s"] for k in kernels if k["kind"] in _TRIVIAL_KINDS]
     return KernelPredictor(

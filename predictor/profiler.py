@@ -386,7 +386,7 @@ def profile_models(graphs: list[ModelGraph], settings: ProfileSettings, segments
                    progress: bool = True) -> list[dict]:
     """Kernel records of every graph (and of ``sweep`` random layers), random segment records of
     ``segment_models`` (default: all), per-call overheads. Each model's kernels and segments are timed in
-    a session of their own (interleaved with each other only); the sweep layers in one more."""
+    a session of their own (interleaved with each other only), and so is each random sweep network."""
     torch.set_num_threads(settings.threads)
     clock = settings.resolved_clock()
     segment_models = set(segment_models) if segment_models is not None else {g.name for g in graphs}
@@ -406,11 +406,12 @@ def profile_models(graphs: list[ModelGraph], settings: ProfileSettings, segments
         if jobs:
             sessions.append((graph.name, jobs))
     if sweep:
-        sweep_jobs = []
+        # each random network in a session of its own, like a zoo model: timed all interleaved in one
+        # session, their kernels ran 12-25% slower than the zoo's (other networks' caches and allocator
+        # state), and a predictor fitted with them predicted held-out models that much too slow
         for graph in sweep_graphs(sweep, settings.seed):
             chains.append(ChainJob(graph, group_kernels(graph, settings.fuse), example_input(graph.input_shape), clock))
-            sweep_jobs.append((chains[-1], settings.rounds))
-        sessions.append((f"{sweep} sweep layers", sweep_jobs))
+            sessions.append((graph.name, [(chains[-1], settings.rounds)]))
     # one session per model, as a tier runs one model's segments: timed interleaved with the other models'
     # jobs, the same segments measured 8% (resnet50) to 28% (mobilenet_v2) slower than in their own session
     # (caches and allocator state left by other models), and its kernels no longer added up to its segments
