@@ -11,7 +11,13 @@ plus the local-search result). One ``update``:
    within ``tolerance`` of the optimum (a lower bound from every earlier full solve: costs only grow when a
    parameter grows, so opt(theta) >= opt(theta_k) * min_i theta_i / theta_k,i), or when the conditions are
    within ``neighbourhood`` (relative, per parameter) of a point that was fully solved;
-3. otherwise falls back to a full re-plan (min cut), whose cuts join the library.
+3. otherwise falls back to a full re-plan (min cut), whose cuts join the library. With
+   ``full_replan_interval_s`` set, a full re-plan for conditions within ``far`` (relative, on every
+   parameter) of a solved point waits until that long after the last one, and the library's cheapest cut
+   stands in meanwhile: on a device, planning time is time the device cannot spend on requests (a
+   0.1-CPU device spent ~300 ms re-solving MobileNetV2 after every request of a Wi-Fi trace whose noise
+   kept leaving the certified region, and a TCP connection idle that long restarts slow: its next upload
+   ran at 0.53 of the link's rate against 0.77). Farther moves (a link collapsing) are re-solved at once.
 
 Hysteresis is measured in predicted time saved: the plan changes when the best candidate saves at least
 ``min_gain`` of the current plan's time *and* at least ``min_gain_ms`` (switching has a cost: the tiers
@@ -41,13 +47,15 @@ MAX_LIBRARY = 256
 class StepStats:
     steps: int = 0
     full_replans: int = 0
+    deferred_replans: int = 0  # full re-plans put off by full_replan_interval_s
     step_seconds: list[float] = field(default_factory=list)
 
 
 class Repartitioner:
     def __init__(self, graph: ModelGraph, tiers: TierModels, links: Links, edge_weights: Sequence[float] = (1.0,),
                  hysteresis: float = 0.05, tolerance: float = 0.02, neighbourhood: float = 0.10, patience: int = 2,
-                 min_gain: float = 0.015, min_gain_ms: float = 0.5, flap_distance: float = 0.25):
+                 min_gain: float = 0.015, min_gain_ms: float = 0.5, flap_distance: float = 0.25,
+                 full_replan_interval_s: float = 0.0, far: float = 0.5, clock=time.monotonic):
         if not 0 <= hysteresis < 1:
             raise ValueError(f"hysteresis must be in [0, 1), got {hysteresis}")
         if not 0 <= min_gain < 1 or min_gain_ms < 0:
@@ -61,6 +69,10 @@ class Repartitioner:
         self.min_gain, self.min_gain_s = min(min_gain, hysteresis), min_gain_ms / 1e3
         self._better_steps = 0  # consecutive steps on which some plan beat the current one by > min_gain
         self.flap_distance = flap_distance
+        if full_replan_interval_s < 0 or far <= 0:
+            raise ValueError(f"full_replan_interval_s must be >= 0 and far > 0, got {full_replan_interval_s}, {far}")
+        self.full_replan_interval_s, self.far, self._clock = full_replan_interval_s, far, clock
+        self._last_full_replan = float("-inf")
         self._left_at: dict[int, tuple[int, np.ndarray]] = {}  # library index -> (update number, theta) when left
         self.stats = StepStats()
         self._labels: list[np.ndarray] = []
@@ -95,8 +107,11 @@ class Repartitioner:
         prices = self._features @ theta
         best = int(np.argmin(prices))
         if not self._acceptable(theta, prices[best]):
-            best = self._full_replan(theta)
-            prices = self._features @ theta
+            if self._may_solve(theta):
+                best = self._full_replan(theta)
+                prices = self._features @ theta
+            else:
+                self.stats.deferred_replans += 1
         if best != self._current and self._should_switch(best, prices[best], prices[self._current], theta):
             self._left_at[self._current] = (self.stats.steps, theta)
             self._better_steps = 0
@@ -142,10 +157,22 @@ class Repartitioner:
         lower_bound = float((self._solved_opt * ratio.min(axis=1)).max())
         if price <= lower_bound * (1 + self.tolerance):
             return True
-        log_distance = np.abs(np.log(np.where((solved > 0) & (theta > 0), theta / np.where(solved > 0, solved, 1), 1.0)))
+        return self._log_distance_to_solved(theta) <= np.log1p(self.neighbourhood)
+
+    def _log_distance_to_solved(self, theta: np.ndarray) -> float:
+        """max_i |log(theta_i / solved_i)| to the nearest fully solved point (inf if none)."""
+        solved = self._solved_theta
+        if not len(solved):
+            return float("inf")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_distance = np.abs(np.log(np.where((solved > 0) & (theta > 0), theta / np.where(solved > 0, solved, 1), 1.0)))
         zero_mismatch = ((solved > 0) != (theta > 0)).any(axis=1)
-        distance = np.where(zero_mismatch, np.inf, log_distance.max(axis=1))
-        return bool(distance.min() <= np.log1p(self.neighbourhood))
+        return float(np.where(zero_mismatch, np.inf, log_distance.max(axis=1)).min())
+
+    def _may_solve(self, theta: np.ndarray) -> bool:
+        if self._clock() - self._last_full_replan >= self.full_replan_interval_s:
+            return True
+        return self._log_distance_to_solved(theta) > np.log1p(self.far)
 
     def _cond_for(self, tiled: bool) -> Conditions:
         if tiled:
@@ -155,6 +182,7 @@ class Repartitioner:
     def _full_replan(self, theta: np.ndarray) -> int:
         (best, best_cond), solved = solve_d3(self.cg, self.cond.links, self.cond.tiers, self.cond.edge_weights)
         self.stats.full_replans += 1
+        self._last_full_replan = self._clock()
         self._solved_theta = np.vstack([self._solved_theta, theta])[-MAX_LIBRARY:]
         self._solved_opt = np.append(self._solved_opt, best.seconds)[-MAX_LIBRARY:]
         best_index = None

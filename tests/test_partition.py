@@ -226,3 +226,30 @@ def test_plan_cli_json_and_errors(capsys):
     assert "bad bandwidth 'fast'" in capsys.readouterr().err
     assert main(["plan", "alexnet", "--edge-nodes", "2", "--edge-weights", "1,2,3"]) == 2
     assert "--edge-weights needs 2" in capsys.readouterr().err
+
+
+def test_full_replans_near_solved_conditions_wait_for_the_interval_but_far_moves_do_not():
+    """On a device, planning time is taken from requests: with ``full_replan_interval_s`` a noisy link
+    (+-30% around a solved point) is re-solved at most once per interval, the library's cheapest cut
+    standing in; a link that collapses is re-solved at once."""
+    graph = zoo_graph("mobilenet_v2")
+    base = Links.mbps(30, 13, 13, **RTTS)
+    now = [0.0]
+    limited = Repartitioner(graph, TIERS, base, (1.0,) * 3, full_replan_interval_s=5.0, clock=lambda: now[0])
+    eager = Repartitioner(graph, TIERS, base, (1.0,) * 3)
+    rng = np.random.default_rng(0)
+    for step in range(40):  # 40 updates 0.5 s apart: 20 s
+        now[0] = 0.5 * (step + 1)
+        links = base.replace(device_edge_bps=30e6 * rng.uniform(0.7, 1.3), edge_cloud_bps=13e6 * rng.uniform(0.7, 1.3))
+        limited.update(links)
+        eager.update(links)
+    assert eager.stats.full_replans > 10  # the noise does leave the certified region
+    assert limited.stats.full_replans <= 1 + 20 / 5.0 and limited.stats.deferred_replans > 0
+    # the plan it runs meanwhile is the library's cheapest, priced exactly: close to the eager one's
+    assert limited.plan.predicted_ms <= 1.1 * eager.plan.predicted_ms
+    before = limited.stats.full_replans
+    now[0] += 0.1  # well inside the interval
+    limited.update(base.replace(device_edge_bps=0.3e6))  # Wi-Fi collapses to 1% of what was solved
+    assert limited.stats.full_replans == before + 1
+    with pytest.raises(ValueError, match="full_replan_interval_s"):
+        Repartitioner(graph, TIERS, base, (1.0,), full_replan_interval_s=-1)

@@ -81,6 +81,10 @@ COMPUTE_TIERS = ("device", "edge", "cloud")
 # (mobilenet_v2 at 448x448 on a 0.1-CPU device: 4 re-partitions, each device request 600-800 ms).
 COMPUTE_LEARNING_RATES = {"device": 1.0, "edge": 0.5, "cloud": 0.5}
 COMPUTE_FACTOR_BOUNDS, COMPUTE_STAGE_FLOOR_MS = (0.25, 4.0), 5.0
+# A full re-plan for conditions near a solved point waits this long after the last one (partitioner/
+# repartition.py): the device re-plans after every request, and on a slow device a re-solve costs
+# hundreds of ms between requests (and leaves its TCP connection idle long enough to restart slow).
+DEVICE_FULL_REPLAN_INTERVAL_S = 5.0
 
 
 def learned_compute_factors(factors: dict[str, float], stages_ms: dict | None,
@@ -113,7 +117,8 @@ class _Planner:
         try:
             from partitioner.repartition import Repartitioner
 
-            self.repartitioner = Repartitioner(graph, tiers, links, edge_weights=tuple(edge_weights))
+            self.repartitioner = Repartitioner(graph, tiers, links, edge_weights=tuple(edge_weights),
+                                               full_replan_interval_s=DEVICE_FULL_REPLAN_INTERVAL_S)
             self.base_slowdowns = {tier: tiers.slowdown(tier) for tier in COMPUTE_TIERS}
             self.plan = self.repartitioner.plan
         except ImportError:
