@@ -22,13 +22,14 @@ FEATURES = (
 # saw (densenet121's pre-activation batch norms, held out) is predicted by one regressor pooled over these.
 ELEMENTWISE_KINDS = ("activation", "add", "mul", "sub", "div", "bn")
 ELEMENTWISE = "*elementwise"  # the pooled regressor's key
+_DEPTHWISE = FEATURES.index("depthwise")
 
 
 def regressor_key(kind: str, features) -> str:
     """Which regressor predicts a kernel: its op kind, except that depthwise convs (memory bound, a few
     FLOPs per byte) get their own: fitted together with dense convs, MobileNetV2's were predicted 47% too
     fast."""
-    if kind == "conv" and features[FEATURES.index("depthwise")]:
+    if kind == "conv" and features[_DEPTHWISE]:
         return "conv_dw"
     return kind
 

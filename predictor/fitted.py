@@ -39,26 +39,24 @@ class KernelPredictor:
     def per_call_overhead_s(self) -> float:
         return self.overhead_s * self.scale
 
-    def regressor_for(self, kind: str, features) -> Regressor | None:
+    def regressor_key_for(self, kind: str, features) -> str | None:
         """The kernel's own regressor; else its op kind's (files fitted before depthwise convs had theirs);
         else, for a kind that does arithmetic, the pooled elementwise one; else None (the fallback)."""
-        regressor = self.regressors.get(regressor_key(kind, features)) or self.regressors.get(kind)
-        if regressor is None and kind not in _TRIVIAL_KINDS:
-            regressor = self.regressors.get(ELEMENTWISE)
-        return regressor
+        for key in (regressor_key(kind, features), kind):
+            if key in self.regressors:
+                return key
+        return ELEMENTWISE if kind not in _TRIVIAL_KINDS and ELEMENTWISE in self.regressors else None
 
     def kernel_seconds(self, kinds: list[str], features: np.ndarray) -> np.ndarray:
         features = np.asarray(features, dtype=float).reshape(len(kinds), len(FEATURES))
         seconds = np.full(len(kinds), self.fallback_s)
-        by_regressor: dict[int, list[int]] = defaultdict(list)
-        regressors = {}
+        rows_by_key: dict[str, list[int]] = defaultdict(list)
         for index, kind in enumerate(kinds):
-            regressor = self.regressor_for(kind, features[index])
-            if regressor is not None:
-                regressors[id(regressor)] = regressor
-                by_regressor[id(regressor)].append(index)
-        for key, rows in by_regressor.items():
-            seconds[rows] = regressors[key].predict(features[rows])
+            key = self.regressor_key_for(kind, features[index])
+            if key is not None:
+                rows_by_key[key].append(index)
+        for key, rows in rows_by_key.items():
+            seconds[rows] = self.regressors[key].predict(features[rows])
         return seconds * self.scale
 
     def node_seconds(self, graph: ModelGraph) -> dict[str, float]:
