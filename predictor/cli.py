@@ -226,8 +226,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info))
     else:
-        print(f"this tier is {info['scale']:.2f}x the predictor's ({info['kernels']} kernels, "
-              f"{info['rounds']} passes, {info['seconds']:.1f} s); wrote {args.out}")
+        print(f"this tier is {info['scale']:.2f}x the predictor's (CPU {info['cpu_scale']:.2f}x, runs us "
+              f"1/{info['stall_factor']:.2f} of the time; {info['kernels']} kernels, {info['rounds']} passes, "
+              f"{info['seconds']:.1f} s); wrote {args.out}")
     return 0
 
 

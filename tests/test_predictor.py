@@ -202,7 +202,8 @@ def test_cpu_quota_cgroup_slows_a_child_and_calibration_sees_it(tmp_path):
             "while time.process_time() - c < 0.4: pass\nprint(time.perf_counter() - t)"]
     out = tmp_path / "calibrated.json"
     with cpu_quota_cgroup(0.25) as cgroup:
-        assert (cgroup / "cpu.cfs_quota_us").read_text().strip() == "25000"
+        quota, period = (int((cgroup / name).read_text()) for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+        assert quota / period == 0.25 and period == 10_000, (quota, period)
         assert str(os.getpid()) not in (cgroup / "cgroup.procs").read_text().split()
         throttled = float(run_in_cgroup(cgroup, spin, capture_output=True, text=True, check=True).stdout)
         stats = dict(line.split() for line in (cgroup / "cpu.stat").read_text().splitlines())
@@ -326,3 +327,24 @@ def test_depthwise_convs_get_their_own_regressor_and_unseen_elementwise_kinds_a_
     older = KernelPredictor({"conv": predictor.regressors["conv"]}, 1e-5, 2e-6, 1)
     [old_seconds] = older.kernel_seconds(["conv"], np.array([depthwise[0]["features"]]))
     assert old_seconds == pytest.approx(predictor.regressors["conv"].predict(np.array([depthwise[0]["features"]]))[0])
+
+
+
+def test_calibration_splits_cpu_speed_from_the_time_the_tier_does_not_run_us():
+    """At one thread the scale is CPU speed (kernels on the CPU clock, the fit's statistic) times wall/CPU over
+    whole passes: a free tier shows a stall factor near 1 (a 25% quota shows ~4, see the root test)."""
+    import torch
+
+    from predictor.calibrate import calibrate
+
+    predictor = load_predictor("default")
+    try:
+        calibrated, info = calibrate(predictor, ("resnet18",), kernels=6,
+                                     settings=ProfileSettings(threads=1, rounds=5, clock="wall"), progress=False)
+    finally:
+        torch.set_num_threads(2)
+    assert info["kernels"] == 6 and info["clock"] == "wall"
+    assert 0.95 <= info["stall_factor"] < 2.0, info  # wall time can only exceed this thread's CPU time
+    assert 0.3 < info["cpu_scale"] < 3.0, info
+    assert calibrated.scale == pytest.approx(info["cpu_scale"] * info["stall_factor"])
+    assert calibrated.meta["calibration"]["scale"] == pytest.approx(calibrated.scale)
