@@ -5,8 +5,10 @@
 Profiles (cached in bench/out/, one file per model and session) are taken at 1 torch thread; each model is
 profiled in ``--sessions`` processes spread over the run (every model once, then every model again, ...) and
 the sessions are merged into per-kernel and per-segment medians (``predictor.profiler.merge_sessions``). For each held-out model
-(resnet50, googlenet, mobilenet_v2, densenet121) a predictor is fitted on every other zoo model plus the
-synthetic sweeps, then scored on the held-out model's random contiguous segments.
+(resnet50, googlenet, mobilenet_v2, densenet121) a predictor is fitted on every other zoo model, without and
+with the synthetic sweeps, then scored on the held-out model's random contiguous segments. Training models
+whose segments were profiled (the other held-out models; every model with --all-segments) have their kernel
+costs derived from those segments (``predictor.decompose``) unless --in-pass-kernels.
 
 --quota: time resnet50/mobilenet_v2 segments on the free tier; make a cgroup v1 CPU quota of 25% of one CPU
 (10 ms period), and in child processes inside it calibrate the default predictor (40 kernels) and time the
@@ -54,10 +56,11 @@ def ensure_profiles(args) -> list[Path]:
     for session in range(1, args.sessions + 1):
         for model in DEFAULT_TRAINING_MODELS:
             suffix = "" if session == 1 else f"_s{session}"
-            path = profile_dir(args) / f"{model}_seg{args.segments if model in HELD_OUT else 0}{suffix}.jsonl"
+            with_segments = args.segments if model in HELD_OUT or args.all_segments else 0
+            path = profile_dir(args) / f"{model}_seg{with_segments}{suffix}.jsonl"
             if args.refresh or not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
-                segments = ["--segments", str(args.segments)] if model in HELD_OUT and args.segments else []
+                segments = ["--segments", str(with_segments)] if with_segments else []
                 run(D3 + ["profile", model, *segments, *per_node(args), "--out", str(path)])
                 print(f"# profiled {model}, session {session} ({time.perf_counter() - started:.0f} s so far)",
                       flush=True)
@@ -71,7 +74,7 @@ def ensure_profiles(args) -> list[Path]:
     return paths
 
 
-def leave_one_out(paths: list[Path]) -> dict:
+def leave_one_out(paths: list[Path], kernels_from_segments: bool = True) -> dict:
     from predictor.evaluate import evaluate
     from predictor.fitted import fit_predictor
     from predictor.profiler import read_profiles
@@ -82,7 +85,8 @@ def leave_one_out(paths: list[Path]) -> dict:
           f"{'kernel MAPE':>13}{'kernel-sum bound':>18}   conv / add / bn families")
     for with_sweeps in (False, True):
         for model in HELD_OUT:
-            predictor = fit_predictor(profile, exclude_models=(model,), progress=False, with_sweeps=with_sweeps)
+            predictor = fit_predictor(profile, exclude_models=(model,), progress=False, with_sweeps=with_sweeps,
+                                      kernels_from_segments=kernels_from_segments)
             result = evaluate(predictor, profile, models=(model,))
             rows[(model, with_sweeps)] = result
             families = predictor.families()
@@ -171,6 +175,11 @@ def main() -> int:
     parser.add_argument("--segments", type=int, default=60, help="random segments per held-out model")
     parser.add_argument("--sessions", type=int, default=3,
                         help="profiling processes per model, merged into medians (default 3)")
+    parser.add_argument("--all-segments", action="store_true",
+                        help="profile --segments random segments of every zoo model, not only the held-out ones "
+                             "(the training models' kernel costs are then derived from their segments)")
+    parser.add_argument("--in-pass-kernels", action="store_true",
+                        help="fit on kernels as timed in whole-model passes (no re-derivation from segments)")
     parser.add_argument("--per-node", action="store_true", help="profile and fit every node alone (no fusion)")
     parser.add_argument("--refresh", action="store_true", help="re-profile even if bench/out/ has profiles")
     parser.add_argument("--quota", action="store_true", help="also run the 25%% CPU-quota calibration demo")
@@ -183,7 +192,7 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     if not args.quota_only:
-        leave_one_out(ensure_profiles(args))
+        leave_one_out(ensure_profiles(args), not args.in_pass_kernels)
     if args.quota or args.quota_only:
         quota_demo(args)
     print(f"# total {time.perf_counter() - started:.0f} s")

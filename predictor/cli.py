@@ -65,6 +65,9 @@ def add_commands(subparsers) -> None:
     fit.add_argument("--exclude", type=_names, default=(), metavar="M1,M2", help="leave these models out")
     fit.add_argument("--with-sweeps", action="store_true",
                      help="also fit on the synthetic sweep kernels (off: they biased zoo predictions upward)")
+    fit.add_argument("--in-pass-kernels", action="store_true",
+                     help="fit on kernel times as timed in whole-model passes, even for models whose random "
+                          "segments were profiled (default: their kernel costs are re-derived from the segments)")
     fit.add_argument("--families", type=_names, default=None, metavar="F1,F2",
                      help="candidate families (default: linear,ridge_log,forest_log,gbrt_log)")
     fit.add_argument("--json", action="store_true")
@@ -157,7 +160,7 @@ def run_fit(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown families {unknown}; choose from {list(FAMILIES)}")
     predictor = fit_predictor(read_profiles(args.profiles), tuple(args.exclude), tuple(families),
-                              with_sweeps=args.with_sweeps)
+                              with_sweeps=args.with_sweeps, kernels_from_segments=not args.in_pass_kernels)
     predictor.save(args.out)
     summary = _summary(predictor)
     if args.json:

@@ -116,14 +116,21 @@ class KernelPredictor:
 
 
 def fit_predictor(profile: Profile, exclude_models: tuple[str, ...] = (), families: tuple[str, ...] = FAMILIES,
-                  progress: bool = True, with_sweeps: bool = False) -> KernelPredictor:
-    """One regressor per op kind over the profile's kernels (minus ``exclude_models``). Synthetic sweep
+                  progress: bool = True, with_sweeps: bool = False,
+                  kernels_from_segments: bool = True) -> KernelPredictor:
+    """One regressor per op kind over the profile's kernels (minus ``exclude_models``). Where the profile
+    holds random segments of a model, its kernel costs are first re-derived from them
+    (``decompose.segment_consistent``) unless ``kernels_from_segments`` is False. Synthetic sweep
     kernels are left out unless ``with_sweeps``: held out in turn, resnet50 / mobilenet_v2 / densenet121
     segments were predicted +12% / +25% / +12% too slow with them and +2% / -7% / -1% without (their
     random networks' depthwise convs, for one, ran slower than the zoo's fused ones)."""
     from tqdm import tqdm
 
     threads = profile.threads()
+    if kernels_from_segments:
+        from predictor.decompose import segment_consistent
+
+        profile = segment_consistent(profile)
     fuse_values = {bool(m.get("fuse", True)) for m in profile.metas}
     if len(fuse_values) != 1:
         raise ValueError("profiles mix fused and per-node kernels; profile them the same way")
@@ -153,5 +160,6 @@ def fit_predictor(profile: Profile, exclude_models: tuple[str, ...] = (), famili
               "torch": profile.metas[0].get("torch"), "kernels": len(kernels),
               "models": sorted({k["model"] for k in kernels if not k["model"].startswith("sweep_")}),
               "sweep_kernels": sum(1 for k in kernels if k["model"].startswith("sweep_")),
+              "kernels_from_segments": sorted({k["model"] for k in kernels if k.get("derived")}),
               "excluded": list(exclude_models)},
     )
