@@ -15,7 +15,7 @@ faster) so that what was profiled is what runs.
 Everything timed is an fx ``GraphModule`` made by ``partitioner.segments.extract_subgraph`` (a kernel is
 a one-kernel segment), called under ``torch.no_grad`` at a fixed thread count. Timing on a shared machine
 is noisy, so calls are measured *interleaved*: each round times every call once, and a call's time is
-the lower quartile over rounds (CPU clock; the median for wall-clock samples, see ``_typical``). Kernels are timed *in context* (``measure_chain``): each pass runs a model's
+the lower quartile over rounds (CPU clock; the median for wall-clock samples, see ``_typical``). Kernels are timed *in context* (``ChainJob``): each pass runs a model's
 kernels in order on each other's outputs, as a segment does. A call shorter than ``min_sample_s`` can be
 repeated inside one sample (default 0: one call, as the runtime makes it). Under a CPU quota (CFS), ``min_sample_s`` should span a few quota
 periods so a sample averages over throttling instead of landing on one side of it.
@@ -359,14 +359,6 @@ def run_jobs(jobs: list[tuple[Any, int]], desc: str = "timing", progress: bool =
     finally:
         if gc_was_enabled:
             gc.enable()
-
-
-def measure_chain(graph: ModelGraph, kernel_list, x: torch.Tensor, rounds: int, clock: str,
-                  desc: str = "kernels", progress: bool = True) -> tuple[list[list[float]], list[float]]:
-    """Per-kernel samples of ``rounds`` in-context passes (see ChainJob), and the per-pass overheads."""
-    job = ChainJob(graph, kernel_list, x, clock)
-    run_jobs([(job, rounds)], desc, progress)
-    return job.samples, job.overheads
 
 
 def _segment_calls(graph: ModelGraph, slices: list[tuple[int, int]], x: torch.Tensor) -> list[tuple[tuple, Callable]]:
