@@ -55,7 +55,7 @@ def calibrate(predictor: KernelPredictor, models: tuple[str, ...] = DEFAULT_CALI
     if not models:
         raise ValueError("name at least one calibration model")
     settings = settings or ProfileSettings(threads=predictor.threads, rounds=30, fuse=predictor.fuse, clock="wall")
-    clock = settings.clock if settings.clock != "auto" else settings.resolved_clock()
+    clock = settings.resolved_clock()
     one_thread = settings.threads == 1
     torch.set_num_threads(settings.threads)
     base = predictor.scaled(1.0 / predictor.scale)  # compare against the unscaled fit

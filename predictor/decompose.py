@@ -2,7 +2,7 @@
 
 Kernels are timed in whole-model passes (``profiler.ChainJob``), but the runtime calls short segments, and on
 this VM the two disagree by model: MobileNetV2's kernels summed to 27.2 ms in a pass while its random
-segments implied 22.2 ms (its memory-bound kernels run faster in a short call, cache state), so its own
+segments implied 22.2 ms (one 300-segment profile; its memory-bound kernels run faster in a short call, cache state), so its own
 measured kernels were within 10% of only 65-78% of its own segments, whatever a regressor learnt from them.
 Where a profile holds random segments of a model, its kernel costs are therefore solved for from them:
 
@@ -11,8 +11,9 @@ Where a profile holds random segments of a model, its kernel costs are therefore
 over kernel seconds ``k`` (kernel j is in segment s when its first node is, as ``KernelPredictor`` sums a
 segment), with ``m_s`` the segment's measured time and ``c_j`` the kernel's in-pass time, which keeps a
 kernel that few segments isolate near what was measured. ``scipy.optimize.lsq_linear`` solves it (bounded
-least squares). On MobileNetV2, 60 segments were enough: the derived costs predicted 60 other segments of
-the same session within 10% for 0.90 of them (0.72 with the in-pass times), 120-240 segments gave 0.917.
+least squares). Derived from three quarters of a model's 100 segments, the costs predicted the other quarter
+within 10% for 0.88 (mobilenet_v2) to 1.00 (googlenet) of them, where the in-pass times reached 0.87-0.94
+(``bench/predictor.py --all-segments --segments 100 --sessions 1``: "derived bound" against "kernel-sum bound").
 """
 from __future__ import annotations
 
@@ -40,10 +41,11 @@ def segment_consistent(profile: Profile, prior: float = DEFAULT_PRIOR, min_segme
     for record in profile.segments:
         segments_by_model[(record["model"], tuple(record["input_shape"]))].append(record)
     overheads = {(o["model"], tuple(o.get("input_shape") or ())): o["median_s"] for o in profile.overheads}
-    derived: dict[int, float] = {}
+    result = Profile(metas=list(profile.metas), segments=list(profile.segments), overheads=list(profile.overheads))
     for key, kernels in kernels_by_model.items():
         segments = segments_by_model.get(key, [])
         if len(segments) < min_segments:
+            result.kernels.extend(kernels)
             continue
         position = {name: index for index, name in enumerate(_graph(*key).order)}
         first = np.array([position[k["nodes"][0]] for k in kernels])
@@ -55,10 +57,6 @@ def segment_consistent(profile: Profile, prior: float = DEFAULT_PRIOR, min_segme
         design = np.vstack([inside * weight[:, None], np.diag(prior_weight)])
         target = np.concatenate([(measured - overheads.get(key, 0.0)) * weight, prior_weight * chain])
         solution = lsq_linear(design, target, bounds=(0.0, np.inf)).x
-        derived.update({id(k): float(value) for k, value in zip(kernels, solution)})
-    result = Profile(metas=list(profile.metas), segments=list(profile.segments), overheads=list(profile.overheads))
-    for record in profile.kernels:
-        if id(record) in derived:
-            record = {**record, "chain_s": record["net_s"], "net_s": derived[id(record)], "derived": True}
-        result.kernels.append(record)
+        result.kernels.extend({**k, "chain_s": k["net_s"], "net_s": float(value), "derived": True}
+                              for k, value in zip(kernels, solution))
     return result

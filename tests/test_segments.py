@@ -1,6 +1,7 @@
 """Any monotone device/edge/cloud split runs as three segments and gives exactly the model's output."""
 import json
 import random
+import zlib
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ def random_monotone_assignment(graph, rng, style):
 @pytest.mark.parametrize("name", ZOO_MODELS)
 def test_random_monotone_splits_reproduce_the_model_exactly(name):
     graph = zoo_graph(name)
-    rng = random.Random(hash(name) % 1000)
+    rng = random.Random(zlib.crc32(name.encode()))  # hash(str) changes per process: a seed of it made this flaky
     x = example_input(graph.input_shape)
     with torch.no_grad():
         reference = graph.module(x)
